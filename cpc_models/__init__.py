@@ -1,0 +1,10 @@
+"""cpc-models: Contrastive Predictive Coding v2 (Hénaff et al., ICML 2020) backbones for timm.
+
+``import cpc_models`` registers the ``cpcv1_*`` / ``cpcv2_*`` architectures with timm, so that
+``timm.create_model("cpcv2_resnet161")`` works.
+"""
+from .encoder import CPCResNetV2
+from .patches import grid_size, patchify
+
+__version__ = '0.1.0'
+__all__ = ['CPCResNetV2', 'grid_size', 'patchify', '__version__']

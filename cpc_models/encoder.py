@@ -1,0 +1,462 @@
+"""CPC v2 encoders: pre-activation (v2) bottleneck ResNets with layer norm, run on a grid of patches.
+
+Hénaff et al., *Data-Efficient Image Recognition with Contrastive Predictive Coding*, ICML 2020
+(arXiv 1905.09272). Sec. 4.1 and Table 1 fix the encoder:
+
+* ResNet-161: the first three stacks of ResNet-v2-101 with the third stack converted to 46 blocks,
+  4096-channel outputs and 512-wide bottlenecks (305M parameters); no fourth stack.
+* Batch norm replaced by layer norm: each sample is normalized over (C, H, W) with per-channel affine
+  parameters, i.e. GroupNorm with one group (timm's ``GroupNorm1Act``).
+* Every patch of the image grid is encoded on its own and mean-pooled to one vector, giving the latent
+  grid z (B, C, rows, cols) the context network predicts over.
+
+Layout follows ``timm/models/resnetv2.py`` (blocks, model, checkpoint filter, ``_create``, ``default_cfgs``,
+entrypoints) with the same state-dict key names (``stem.conv``, ``stages.i.blocks.j.{norm1,conv1,...}``,
+``norm``, ``head.fc``).
+
+Modes:
+
+* grid (default): ``forward_features`` returns the patch-latent grid (B, C, rows, cols).
+* dense (``dense=True``): the whole image runs through the trunk, ``forward_features`` returns the
+  stride-16 map (B, C, H/16, W/16); ``features_only=True`` builds this mode and returns the multi-scale maps
+  through ``forward_intermediates`` (timm's ``FeatureGetterNet``), for detection and segmentation.
+"""
+import os
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, create_conv2d, get_norm_act_layer
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
+
+from .patches import check_images, grid_size, patchify
+
+__all__ = ['CPCResNetV2', 'PreActBottleneck', 'WEIGHTS_DIR']
+
+# Published checkpoints (weights/<arch>.<tag>/model.safetensors) found beside the package are used before the Hub.
+WEIGHTS_DIR = Path(os.environ.get('CPC_MODELS_WEIGHTS_DIR', Path(__file__).resolve().parent.parent / 'weights'))
+HF_ORG = 'cpc-models'
+
+
+def _norm_act(norm_layer: Union[str, Callable], act_layer, eps: float) -> Callable:
+    """'layernorm' -> GroupNorm(1, C) + act (CPC v2), 'batchnorm' -> BatchNorm2d + act (CPC v1)."""
+    name = {'layernorm': 'groupnorm1', 'batchnorm': 'batchnorm2d'}.get(norm_layer, norm_layer)
+    return partial(get_norm_act_layer(name, act_layer), eps=eps)
+
+
+class DownsampleConv(nn.Module):
+    """1x1 (strided) projection shortcut, fed the pre-activated input as in ResNet-v2."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+        super().__init__()
+        self.conv = create_conv2d(in_chs, out_chs, 1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck: norm-act, 1x1, norm-act, 3x3 (carries the stride), norm-act, 1x1, + shortcut."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            mid_chs: int,
+            stride: int = 1,
+            norm_layer: Callable = nn.BatchNorm2d,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        self.downsample = DownsampleConv(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else None
+        self.norm1 = norm_layer(in_chs)
+        self.conv1 = create_conv2d(in_chs, mid_chs, 1)
+        self.norm2 = norm_layer(mid_chs)
+        self.conv2 = create_conv2d(mid_chs, mid_chs, 3, stride=stride)
+        self.norm3 = norm_layer(mid_chs)
+        self.conv3 = create_conv2d(mid_chs, out_chs, 1)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = self.norm1(x)
+        shortcut = x if self.downsample is None else self.downsample(x_preact)
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.conv3(self.norm3(x))
+        return self.drop_path(x) + shortcut
+
+
+class ResNetStage(nn.Module):
+    """A stack of bottlenecks; only the first one strides and projects."""
+
+    def __init__(self, in_chs, out_chs, mid_chs, depth, stride, norm_layer, drop_path_rates: Sequence[float]):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*[
+            PreActBottleneck(
+                in_chs if i == 0 else out_chs, out_chs, mid_chs, stride=stride if i == 0 else 1,
+                norm_layer=norm_layer, drop_path_rate=drop_path_rates[i])
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+def _create_stem(in_chans: int, out_chs: int, stem_type: str) -> Tuple[nn.Sequential, int]:
+    """'' = ResNet-v2 stem (7x7/2 conv + 3x3/2 max-pool, reduction 4); 'small' = 3x3/1 conv (reduction 1)."""
+    if stem_type == 'small':
+        return nn.Sequential(OrderedDict(conv=create_conv2d(in_chans, out_chs, 3))), 1
+    if stem_type == '':
+        return nn.Sequential(OrderedDict(
+            conv=create_conv2d(in_chans, out_chs, 7, stride=2),
+            pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1))), 4
+    raise ValueError(f"Unknown stem_type '{stem_type}'; use '' (ImageNet) or 'small' (small images).")
+
+
+class CPCResNetV2(nn.Module):
+    """Pre-activation bottleneck ResNet that encodes an image patch by patch (CPC v2).
+
+    Args:
+        layers: blocks per stack, e.g. (3, 4, 46) for ResNet-161.
+        channels: output channels per stack.
+        bottle_widths: bottleneck width per stack (default: channels / 4).
+        num_classes: classifier outputs (0: no classifier, ``forward`` returns pooled features).
+        in_chans: image channels.
+        global_pool: pooling of the latent grid before the classifier ('avg', 'max', ... or '' for none).
+        stem_chs: stem output channels.
+        stem_type: '' (7x7/2 conv + max-pool) or 'small' (3x3/1 conv, for small images).
+        norm_layer: 'layernorm' (CPC v2), 'batchnorm' (CPC v1) or a timm norm-act layer.
+        norm_eps: normalization epsilon.
+        patch_size: side of the square patches (pixels).
+        patch_stride: step between patches (pixels); < patch_size gives overlapping patches.
+        dense: run the whole image through the trunk instead of the patch grid (detection, segmentation).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+    """
+
+    def __init__(
+            self,
+            layers: Sequence[int],
+            channels: Sequence[int] = (256, 512, 1024),
+            bottle_widths: Optional[Sequence[int]] = None,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            stem_chs: int = 64,
+            stem_type: str = '',
+            norm_layer: Union[str, Callable] = 'layernorm',
+            norm_eps: float = 1e-5,
+            act_layer: Callable = nn.ReLU,
+            patch_size: int = 80,
+            patch_stride: int = 36,
+            dense: bool = False,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = True,
+    ):
+        super().__init__()
+        if len(layers) != len(channels):
+            raise ValueError(f'layers {tuple(layers)} and channels {tuple(channels)} must have the same length.')
+        if patch_stride < 1 or patch_size < 1:
+            raise ValueError(f'patch_size ({patch_size}) and patch_stride ({patch_stride}) must be positive.')
+        bottle_widths = bottle_widths or [c // 4 for c in channels]
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+        self.dense = dense
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        norm_act = _norm_act(norm_layer, act_layer, norm_eps)
+
+        self.stem, reduction = _create_stem(in_chans, stem_chs, stem_type)
+        self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module='stem')]
+        rates = [drop_path_rate * i / max(sum(layers) - 1, 1) for i in range(sum(layers))]
+        dpr = [rates[sum(layers[:i]):sum(layers[:i + 1])] for i in range(len(layers))]
+        stages = []
+        prev_chs = stem_chs
+        for i, (depth, out_chs, mid_chs) in enumerate(zip(layers, channels, bottle_widths)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            stages.append(ResNetStage(prev_chs, out_chs, mid_chs, depth, stride, norm_act, dpr[i]))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
+            prev_chs = out_chs
+        self.stages = nn.Sequential(*stages)
+        if not dense:
+            # One latent per patch: every level of the grid has the patch stride as its reduction.
+            for info in self.feature_info:
+                info['reduction'] = patch_stride
+        self.num_features = self.head_hidden_size = prev_chs
+        self.norm = norm_act(prev_chs)
+        self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self._init_weights(zero_init_last)
+
+    def _init_weights(self, zero_init_last: bool) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+            elif zero_init_last and isinstance(m, PreActBottleneck):
+                m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def grid_size(self, img_size) -> Tuple[int, int]:
+        """(rows, cols) of the latent grid for an image of img_size = (H, W) or an int."""
+        return grid_size(img_size, self.patch_size, self.patch_stride)
+
+    def _check_patches(self, patches: torch.Tensor) -> None:
+        if patches.ndim != 6:
+            raise ValueError(
+                f'Expected patches (B, rows, cols, C, P, P), got shape {tuple(patches.shape)}; '
+                f'cut images with cpc_models.patches.patchify(x, {self.patch_size}, {self.patch_stride}).')
+        check_images(patches[:1, 0, 0], self.in_chans)
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, stacks and final norm-act on a batch of images or patches (N, C, H, W) -> (N, F, h, w)."""
+        return self.norm(self.stages(self.stem(x)))
+
+    def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Encode pre-cut (e.g. augmented) patches (B, rows, cols, C, P, P) into the latent grid (B, F, rows, cols).
+
+        All patches go through the trunk as one batch of B * rows * cols images, and each is mean-pooled.
+        """
+        self._check_patches(patches)
+        b, rows, cols = patches.shape[:3]
+        z = self.forward_trunk(patches.reshape(b * rows * cols, *patches.shape[3:])).mean((2, 3))
+        return z.reshape(b, rows, cols, -1).permute(0, 3, 1, 2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> latent grid (B, F, rows, cols), or the dense map (B, F, H/16, W/16) if dense."""
+        check_images(x, self.in_chans)
+        if self.dense:
+            return self.forward_trunk(x)
+        return self.forward_patches(patchify(x, self.patch_size, self.patch_stride))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ):
+        """Features of the stem and of each stack: latent grids (B, C_i, rows, cols), or dense maps if dense.
+
+        Returns:
+            ``(final, intermediates)``, where ``final`` equals ``forward_features(x)``; or only the list.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"Only output_fmt='NCHW' is supported, got '{output_fmt}'.")
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        check_images(x, self.in_chans)
+        if self.dense:
+            to_out = nn.Identity()
+        else:
+            patches = patchify(x, self.patch_size, self.patch_stride)
+            b, rows, cols = patches.shape[:3]
+            x = patches.reshape(b * rows * cols, *patches.shape[3:])
+
+            def to_out(t):  # pool each patch's map to one vector, lay the vectors out on the grid
+                return t.mean((2, 3)).reshape(b, rows, cols, -1).permute(0, 3, 1, 2)
+
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(to_out(x))
+        last_idx = len(self.stages)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(to_out(self.norm(x) if norm and feat_idx == last_idx else x))
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return to_out(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stacks (and optionally norm and head) after the last requested intermediate."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        self.stages = self.stages[:max_index]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CPCResNetV2) -> Dict[str, torch.Tensor]:
+    """Accept training checkpoints (``encoder.``/``module.``/``_orig_mod.`` prefixes, no head) and check shapes.
+
+    Raises:
+        ValueError: naming the first key whose shape does not fit the model.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', '_orig_mod.', 'encoder.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    target = model.state_dict()
+    first_conv = model.pretrained_cfg.get('first_conv') if hasattr(model, 'pretrained_cfg') else 'stem.conv'
+    skip = {f'{first_conv}.weight', 'head.fc.weight', 'head.fc.bias'}  # timm adapts in_chans / num_classes
+    for k, v in out.items():
+        if k in target and k not in skip and tuple(target[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f'Checkpoint does not fit {type(model).__name__}: first mismatching key "{k}" has shape '
+                f'{tuple(v.shape)} in the checkpoint but {tuple(target[k].shape)} in the model. Create the model '
+                f'architecture the checkpoint was trained with (see its config.json "architecture"/"model_args").')
+    return out
+
+
+def _create_cpc_resnetv2(variant: str, pretrained: bool = False, **kwargs) -> CPCResNetV2:
+    if pretrained:
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
+            raise RuntimeError(
+                f'No pretrained weights are published for "{variant}" yet (tags with weights: '
+                f'{_published_tags(variant) or "none"}). Train them with `cpc-train --model {variant} ...` and '
+                f'load the result with timm.create_model("{variant}", pretrained=True, '
+                f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors")), or create the model with '
+                f'pretrained=False.')
+    feature_cfg = dict(feature_cls='getter')
+    if kwargs.get('features_only'):
+        kwargs.setdefault('dense', True)  # multi-scale maps for detection: the whole image through the trunk
+        kwargs.setdefault('out_indices', tuple(range(len(kwargs['layers']) + 1)))
+    return build_model_with_cfg(
+        CPCResNetV2, variant, pretrained,
+        feature_cfg=feature_cfg,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **kwargs,
+    )
+
+
+def _published_tags(variant: str) -> List[str]:
+    return [n.split('.', 1)[1] for n in timm.list_pretrained(f'{variant}.*')]
+
+
+def _cfg(**kwargs) -> Dict:
+    return {
+        'num_classes': 0, 'input_size': (3, 260, 260), 'pool_size': (6, 6),
+        'crop_pct': 260 / 300, 'interpolation': 'bicubic', 'crop_mode': 'center',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv', 'classifier': 'head.fc', 'license': 'apache-2.0',
+        'paper_ids': 'arXiv:1905.09272', 'paper_name': 'Data-Efficient Image Recognition with Contrastive Predictive Coding',
+        **kwargs,
+    }
+
+
+def _published(arch_tag: str, **kwargs) -> Dict:
+    """Cfg of a published checkpoint: the copy in weights/ when present (offline), else the Hugging Face Hub."""
+    local = WEIGHTS_DIR / arch_tag / 'model.safetensors'
+    cfg = _cfg(hf_hub_id=f'{HF_ORG}/{arch_tag}', **kwargs)
+    if local.is_file():
+        cfg['file'] = str(local)
+    return cfg
+
+
+_FMNIST = dict(
+    input_size=(1, 28, 28), pool_size=(6, 6), crop_pct=1.0, interpolation='bilinear',
+    mean=(0.2860,), std=(0.3530,))
+
+# ImageNet geometry (paper Sec. 4.1: 80x80 patches; grid and stride are ours): a 260 px crop (resize the short
+# side to 300, centre crop 260) cut into a 6x6 grid of 80 px patches with a 36 px stride (55% overlap, close to
+# v1's 50%), so that 80 + 5 * 36 = 260 covers the crop exactly.
+default_cfgs = generate_default_cfgs({
+    'cpcv2_resnet161': _cfg(),
+    'cpcv2_resnet50': _cfg(),
+    'cpcv1_resnet101': _cfg(input_size=(3, 256, 256), pool_size=(7, 7), crop_pct=0.875),
+    'cpcv2_resnet_small': _cfg(input_size=(3, 64, 64), pool_size=(7, 7), crop_pct=1.0),
+    'cpcv2_resnet_tiny': _cfg(**_FMNIST),
+})
+
+
+@register_model
+def cpcv2_resnet161(pretrained: bool = False, **kwargs) -> CPCResNetV2:
+    """CPC v2 ResNet-161 (paper Table 1): stacks [3, 4, 46], 4096-d output, 512-wide bottlenecks, layer norm."""
+    model_args = dict(layers=(3, 4, 46), channels=(256, 512, 4096), bottle_widths=(64, 128, 512))
+    return _create_cpc_resnetv2('cpcv2_resnet161', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cpcv2_resnet50(pretrained: bool = False, **kwargs) -> CPCResNetV2:
+    """CPC v2 ResNet-50 (v2, [3, 4, 6, 3], layer norm): the paper's 24M-parameter result."""
+    model_args = dict(layers=(3, 4, 6, 3), channels=(256, 512, 1024, 2048))
+    return _create_cpc_resnetv2('cpcv2_resnet50', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cpcv1_resnet101(pretrained: bool = False, **kwargs) -> CPCResNetV2:
+    """CPC v1 encoder: the first three stacks of ResNet-v2-101 with batch norm, 64 px patches, 32 px stride."""
+    model_args = dict(layers=(3, 4, 23), channels=(256, 512, 1024), norm_layer='batchnorm',
+                      patch_size=64, patch_stride=32)
+    return _create_cpc_resnetv2('cpcv1_resnet101', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cpcv2_resnet_small(pretrained: bool = False, **kwargs) -> CPCResNetV2:
+    """Small CPC v2 encoder for 64 px images (STL-10 / CIFAR scale): 16 px patches, 8 px stride, 7x7 grid."""
+    model_args = dict(layers=(2, 2, 2), channels=(128, 256, 512), stem_chs=32, stem_type='small',
+                      patch_size=16, patch_stride=8)
+    return _create_cpc_resnetv2('cpcv2_resnet_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cpcv2_resnet_tiny(pretrained: bool = False, **kwargs) -> CPCResNetV2:
+    """Tiny CPC v2 encoder for 28 px images (Fashion-MNIST) and CPU training: 8 px patches, 4 px stride, 6x6 grid."""
+    model_args = dict(layers=(1, 1, 1), channels=(64, 128, 256), stem_chs=32, stem_type='small',
+                      patch_size=8, patch_stride=4)
+    return _create_cpc_resnetv2('cpcv2_resnet_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
