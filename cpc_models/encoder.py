@@ -17,9 +17,10 @@ entrypoints) with the same state-dict key names (``stem.conv``, ``stages.i.block
 Modes:
 
 * grid (default): ``forward_features`` returns the patch-latent grid (B, C, rows, cols).
-* dense (``dense=True``): the whole image runs through the trunk, ``forward_features`` returns the
-  stride-16 map (B, C, H/16, W/16); ``features_only=True`` builds this mode and returns the multi-scale maps
-  through ``forward_intermediates`` (timm's ``FeatureGetterNet``), for detection and segmentation.
+* dense (``dense=True``): the whole image runs through the trunk, ``forward_features`` returns the map at the
+  last stack's reduction (16 for the three-stack ImageNet encoders, 32 for ResNet-50, 4 with the small stem);
+  ``features_only=True`` builds this mode and returns the multi-scale maps through ``forward_intermediates``
+  (timm's ``FeatureGetterNet``), for detection and segmentation.
 """
 import os
 from collections import OrderedDict
@@ -27,9 +28,9 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
-import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, create_conv2d, get_norm_act_layer
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
@@ -242,11 +243,12 @@ class CPCResNetV2(nn.Module):
         return grid_size(img_size, self.patch_size, self.patch_stride)
 
     def _check_patches(self, patches: torch.Tensor) -> None:
-        if patches.ndim != 6:
+        if not isinstance(patches, torch.Tensor) or patches.ndim != 6 or 0 in patches.shape[1:3]:
+            shape = tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__
             raise ValueError(
-                f'Expected patches (B, rows, cols, C, P, P), got shape {tuple(patches.shape)}; '
+                f'Expected patches (B, rows, cols, C, P, P) with rows, cols >= 1, got {shape}; '
                 f'cut images with cpc_models.patches.patchify(x, {self.patch_size}, {self.patch_stride}).')
-        check_images(patches[:1, 0, 0], self.in_chans)
+        check_images(patches[:, 0, 0], self.in_chans)
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stacks and final norm-act on a batch of images or patches (N, C, H, W) -> (N, F, h, w)."""
@@ -263,14 +265,14 @@ class CPCResNetV2(nn.Module):
         return z.reshape(b, rows, cols, -1).permute(0, 3, 1, 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> latent grid (B, F, rows, cols), or the dense map (B, F, H/16, W/16) if dense."""
+        """Images (B, C, H, W) -> latent grid (B, F, rows, cols), or the dense map (B, F, H/r, W/r) if dense."""
         check_images(x, self.in_chans)
         if self.dense:
             return self.forward_trunk(x)
         return self.forward_patches(patchify(x, self.patch_size, self.patch_stride))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -326,12 +328,21 @@ class CPCResNetV2(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stacks (and optionally norm and head) after the last requested intermediate."""
+        """Drop the stacks after the last requested intermediate (and optionally the final norm and the head).
+
+        When stacks are dropped, the final norm (sized for the last stack) and the head go too, and
+        ``num_features`` becomes the channel count of the last kept level, as in timm's ``ResNetV2``.
+        """
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        self.stages = self.stages[:max_index]
-        if prune_norm:
+        prune_end = max_index < len(self.stages)
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        self.stages = self.stages[:max_index]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.head = ClassifierHead(self.num_features, 0, pool_type='', drop_rate=self.drop_rate)
+            self.num_classes = 0
+        elif prune_head:
             self.reset_classifier(0, '')
         return take_indices
 
@@ -345,14 +356,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CPCResNetV2
     out = {}
     for k, v in state_dict.items():
         for prefix in ('module.', '_orig_mod.', 'encoder.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+            k = k.removeprefix(prefix)
         out[k] = v
     target = model.state_dict()
     first_conv = model.pretrained_cfg.get('first_conv') if hasattr(model, 'pretrained_cfg') else 'stem.conv'
     skip = {f'{first_conv}.weight', 'head.fc.weight', 'head.fc.bias'}  # timm adapts in_chans / num_classes
-    for k, v in out.items():
-        if k in target and k not in skip and tuple(target[k].shape) != tuple(v.shape):
+    for k in target:  # in model order, so the first mismatch is the earliest layer that differs
+        v = out.get(k)
+        if v is not None and k not in skip and tuple(target[k].shape) != tuple(v.shape):
             raise ValueError(
                 f'Checkpoint does not fit {type(model).__name__}: first mismatching key "{k}" has shape '
                 f'{tuple(v.shape)} in the checkpoint but {tuple(target[k].shape)} in the model. Create the model '
@@ -372,16 +383,27 @@ def _create_cpc_resnetv2(variant: str, pretrained: bool = False, **kwargs) -> CP
                 f'load the result with timm.create_model("{variant}", pretrained=True, '
                 f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors")), or create the model with '
                 f'pretrained=False.')
+        from .hub import check_pretrained_source
+        check_pretrained_source(cfg)  # a missing or corrupt local file is named before timm reads it
     feature_cfg = dict(feature_cls='getter')
     if kwargs.get('features_only'):
         kwargs.setdefault('dense', True)  # multi-scale maps for detection: the whole image through the trunk
         kwargs.setdefault('out_indices', tuple(range(len(kwargs['layers']) + 1)))
-    return build_model_with_cfg(
-        CPCResNetV2, variant, pretrained,
-        feature_cfg=feature_cfg,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            CPCResNetV2, variant, pretrained,
+            feature_cfg=feature_cfg,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            **kwargs,
+        )
+    except Exception as e:
+        if not pretrained:
+            raise
+        from .hub import explain_load_error  # Hub download failed / corrupt cached file: say what to do
+        err = explain_load_error(variant, cfg, e, kwargs.get('cache_dir'))
+        if err is None:
+            raise
+        raise err from e
 
 
 def _published_tags(variant: str) -> List[str]:
@@ -394,7 +416,8 @@ def _cfg(**kwargs) -> Dict:
         'crop_pct': 260 / 300, 'interpolation': 'bicubic', 'crop_mode': 'center',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.conv', 'classifier': 'head.fc', 'license': 'apache-2.0',
-        'paper_ids': 'arXiv:1905.09272', 'paper_name': 'Data-Efficient Image Recognition with Contrastive Predictive Coding',
+        'paper_ids': 'arXiv:1905.09272',
+        'paper_name': 'Data-Efficient Image Recognition with Contrastive Predictive Coding',
         **kwargs,
     }
 

@@ -1,0 +1,260 @@
+"""``cpc-extract``: features of image files, written to a safetensors file.
+
+    cpc-extract --model cpcv2_resnet_tiny.<tag> images/ --out features.safetensors
+    cpc-extract --model cpcv2_resnet_tiny --checkpoint encoder.safetensors a.png b.jpg --grid --out grid.safetensors
+
+Every image (JPEG/PNG/..., any PIL mode: L, RGB, RGBA, P, I;16, ...; any size) is converted to the model's channel
+count and preprocessed with the model's own data config (``timm.data.resolve_model_data_config`` +
+``timm.data.create_transform``), then encoded in batches.
+
+Output (safetensors, written to a temporary file and renamed):
+
+* tensor ``features``: float32, pooled (N, C) or, with ``--grid``, the latent grid (N, C, rows, cols);
+* metadata (strings): ``paths`` = JSON list of the N image paths, in the order of the rows of ``features``;
+  ``skipped`` = JSON list of ``{"path", "error"}`` for unreadable images; ``model``, ``grid``, ``shape``,
+  ``data_config`` (JSON) and ``format`` = ``cpc-extract/1``. Read them with
+  ``safetensors.safe_open(path, 'pt').metadata()`` (see :func:`read_features`).
+"""
+import argparse
+import difflib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import encoder  # noqa: F401  (registers the architectures with timm)
+from .hub import CorruptWeightsError, check_weights_file
+
+__all__ = ['extract_features', 'find_images', 'load_image', 'read_features', 'main']
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+FORMAT = 'cpc-extract/1'
+_PIL_MODE = {1: 'L', 3: 'RGB', 4: 'RGBA'}
+
+
+def find_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[Path]:
+    """Image files of ``inputs``: folders are searched recursively (sorted, by extension), files kept as given.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+    """
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f'No such image file or folder: {item}')
+    return paths
+
+
+def load_image(path: Union[str, os.PathLike], in_chans: int) -> Image.Image:
+    """Open an image of any PIL mode and convert it to ``in_chans`` channels (1: L, 3: RGB, 4: RGBA).
+
+    16/32-bit integer and float images (I;16, I, F) are scaled to 8 bits; palette images go through RGBA so that
+    transparency is handled; EXIF orientation is applied.
+    """
+    if in_chans not in _PIL_MODE:
+        raise ValueError(f'Cannot convert images to {in_chans} channels; supported: {sorted(_PIL_MODE)}.')
+    with Image.open(path) as img:
+        img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith('I') or img.mode == 'F':
+        arr = np.asarray(img, dtype=np.float32)
+        if img.mode.startswith('I;16') or arr.max(initial=0) > 255:
+            arr = arr / 257.0  # 16-bit range -> 8-bit
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode='L')
+    elif img.mode == 'P':
+        img = img.convert('RGBA')
+    return img.convert(_PIL_MODE[in_chans])
+
+
+class _ImageFiles(Dataset):
+    """(transformed image (C, H, W) or None, index, error message or None) per file; never raises on bad files."""
+
+    def __init__(self, paths: Sequence[Path], transform, in_chans: int):
+        self.paths, self.transform, self.in_chans = list(paths), transform, in_chans
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_image(self.paths[i], self.in_chans)), i, None
+        except Exception as e:  # PIL.UnidentifiedImageError, truncated files, OSError, decompression bombs ...
+            return None, i, f'{type(e).__name__}: {e}'
+
+
+def _collate(items):
+    good = [(x, i) for x, i, err in items if err is None]
+    bad = [(i, err) for x, i, err in items if err is not None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], bad
+
+
+def _in_chans(model: torch.nn.Module, data_config: Dict) -> int:
+    return int(getattr(model, 'in_chans', None) or data_config['input_size'][0])
+
+
+@torch.inference_mode()
+def extract_features(
+        model: torch.nn.Module,
+        paths: Sequence[Union[str, os.PathLike]],
+        batch_size: int = 64,
+        grid: bool = False,
+        device: Union[str, torch.device] = 'cpu',
+        num_workers: int = 0,
+        progress: bool = True,
+) -> Tuple[torch.Tensor, List[str], List[Tuple[str, str]]]:
+    """Encode image files with a timm model, preprocessed with the model's own data config.
+
+    Args:
+        model: a timm model (e.g. ``timm.create_model('cpcv2_resnet_tiny', pretrained=True)``); put in eval mode.
+        paths: image files (see :func:`find_images` for folders).
+        batch_size: images per forward pass.
+        grid: return ``forward_features`` (B, C, rows, cols) instead of the pooled ``forward_head(pre_logits=True)``
+            features (B, C).
+        device: where the model runs.
+        num_workers: DataLoader workers decoding images (0: in this process).
+        progress: show a tqdm progress bar (on stderr).
+
+    Returns:
+        ``(features, kept, skipped)``: float32 features on the CPU, (N, C) or (N, C, rows, cols), one row per path in
+        ``kept`` (str, input order); ``skipped`` lists ``(path, error)`` for files that could not be read.
+    """
+    data_config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    paths = [Path(p) for p in paths]
+    loader = DataLoader(
+        _ImageFiles(paths, transform, _in_chans(model, data_config)), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=torch.device(device).type == 'cuda')
+    model = model.eval().to(device)
+    feats, kept, skipped = [], [], []
+    for images, idx, bad in tqdm(loader, desc='cpc-extract', unit='batch', disable=not progress, file=sys.stderr):
+        skipped.extend((str(paths[i]), err) for i, err in bad)
+        if images is None:
+            continue
+        out = model.forward_features(images.to(device, non_blocking=True))
+        if grid:
+            if out.ndim != 4:
+                raise ValueError(f'--grid needs 4-D features (B, C, rows, cols); {type(model).__name__} gives shape '
+                                 f'{tuple(out.shape)}. Extract pooled features instead.')
+        else:
+            out = model.forward_head(out, pre_logits=True)
+        feats.append(out.float().cpu())
+        kept.extend(str(paths[i]) for i in idx)
+    if feats:
+        features = torch.cat(feats)
+    else:
+        features = torch.zeros((0, getattr(model, 'num_features', 0)))
+    return features, kept, skipped
+
+
+def read_features(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, List[str], Dict]:
+    """Read a ``cpc-extract`` file: ``(features, paths, metadata)`` (metadata JSON fields decoded)."""
+    with safetensors.safe_open(str(path), framework='pt') as f:
+        meta = dict(f.metadata() or {})
+        features = f.get_tensor('features')
+    for k in ('paths', 'skipped', 'shape', 'data_config', 'grid'):
+        if k in meta:
+            meta[k] = json.loads(meta[k])
+    return features, meta['paths'], meta
+
+
+def _save(out: Path, features: torch.Tensor, kept: List[str], skipped: List[Tuple[str, str]], meta: Dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f'.{out.name}.tmp-{uuid.uuid4().hex[:8]}')
+    metadata = dict(
+        format=FORMAT, paths=json.dumps(kept), skipped=json.dumps([dict(path=p, error=e) for p, e in skipped]),
+        shape=json.dumps(list(features.shape)),
+        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    try:
+        safetensors.torch.save_file({'features': features.contiguous()}, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_model_name(name: str) -> None:
+    """Raise ValueError for an unknown architecture, suggesting close names."""
+    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        return
+    arch = timm.models.split_model_name_tag(name)[0]
+    if timm.is_model(arch):
+        return
+    cpc = timm.list_models('cpc*')
+    close = difflib.get_close_matches(arch, cpc, n=3, cutoff=0.5) or difflib.get_close_matches(
+        arch, timm.list_models(), n=3, cutoff=0.75)
+    hint = f' Did you mean: {", ".join(close)}?' if close else ''
+    raise ValueError(f'Unknown model "{name}".{hint} CPC models: {", ".join(cpc)} (add a tag as NAME.TAG; '
+                     f'published tags: timm.list_pretrained("cpc*")). Hub repos: hf-hub:ORG/NAME, folders: '
+                     f'local-dir:DIR.')
+
+
+def create_model(name: str, pretrained: bool = True, checkpoint: Optional[str] = None) -> torch.nn.Module:
+    """The model for ``cpc-extract``: ``timm.create_model(name, pretrained)``, or the weights of ``checkpoint`` (a
+    safetensors file, loaded strictly through the model's checkpoint filter)."""
+    _check_model_name(name)
+    if checkpoint:
+        check_weights_file(checkpoint)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+    return timm.create_model(name, pretrained=pretrained)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog='cpc-extract', description='Extract features of image files with a CPC (or any timm) model.',
+        epilog='Output: safetensors with tensor "features" and metadata "paths"/"skipped" (JSON lists).')
+    parser.add_argument('inputs', nargs='+', help='image files and/or folders (searched recursively)')
+    parser.add_argument('--model', required=True, help='timm name (tags ok), hf-hub:ORG/NAME or local-dir:DIR')
+    parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
+                        help='load the published weights of --model (default: yes)')
+    parser.add_argument('--checkpoint', default=None, help='weights file (.safetensors) to load instead')
+    parser.add_argument('--out', required=True, help='output .safetensors file')
+    parser.add_argument('--grid', action='store_true', help='save the latent grid (N, C, rows, cols), not (N, C)')
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--workers', type=int, default=0, help='DataLoader workers decoding images')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, mps ...')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    args = parser.parse_args(argv)
+
+    try:
+        paths = find_images(args.inputs)
+        if not paths:
+            raise FileNotFoundError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) found in {", ".join(args.inputs)}.')
+        model = create_model(args.model, args.pretrained, args.checkpoint)
+        features, kept, skipped = extract_features(
+            model, paths, batch_size=args.batch_size, grid=args.grid, device=args.device,
+            num_workers=args.workers, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, CorruptWeightsError, RuntimeError) as e:
+        print(f'cpc-extract: error: {e}', file=sys.stderr)
+        return 1
+    if skipped:
+        print(f'cpc-extract: skipped {len(skipped)} unreadable image(s):', file=sys.stderr)
+        for p, err in skipped:
+            print(f'  {p}: {err}', file=sys.stderr)
+    if not kept:
+        print('cpc-extract: error: no image could be read; nothing written.', file=sys.stderr)
+        return 1
+    _save(Path(args.out), features, kept, skipped, dict(
+        model=args.model, checkpoint=args.checkpoint or '', grid=args.grid,
+        data_config=timm.data.resolve_model_data_config(model)))
+    print(f'cpc-extract: wrote features {tuple(features.shape)} of {len(kept)} image(s) to {args.out}',
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""cpc-eval: label subsets, GridClassifier, frozen vs fine-tuned arms, and the whole figure-1 pipeline on a small
+subset of real Fashion-MNIST with a random-init encoder standing in for the checkpoint."""
+import json
+
+import pytest
+import timm
+import torch
+
+import cpc_models  # noqa: F401
+from cpc_models.classifier import GRID_CLASSIFIER_SIZES, GridClassifier, grid_classifier_kwargs
+from cpc_models.data import fashion_mnist_dir
+from cpc_models.evaluate import (
+    ARMS, EvalConfig, balanced_subset, check_targets, features_for, load_encoder, load_eval_data, main,
+    run_arm, split_train_val)
+
+
+@pytest.fixture(scope='module')
+def fmnist_dir():
+    # No skip: CI installs the dataset (.ci/run); without it this test must fail, saying why.
+    return fashion_mnist_dir()
+
+
+# ---------------- label subsets ----------------
+
+def test_balanced_subset_is_balanced_seeded_and_complete():
+    labels = torch.arange(10).repeat_interleave(100)  # 10 classes x 100
+    a = balanced_subset(labels, 0.05, seed=0)
+    assert torch.bincount(labels[a], minlength=10).tolist() == [5] * 10
+    assert torch.equal(a, balanced_subset(labels, 0.05, seed=0))
+    assert not torch.equal(a, balanced_subset(labels, 0.05, seed=1))
+    assert len(torch.unique(a)) == len(a)
+    assert torch.equal(balanced_subset(labels, 1.0, seed=3), torch.arange(1000))
+    tiny = balanced_subset(labels, 1e-4, seed=0)  # rounds to 0: still one image per class
+    assert torch.bincount(labels[tiny], minlength=10).tolist() == [1] * 10
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match='fraction'):
+            balanced_subset(labels, bad, 0)
+
+
+def test_split_train_val_is_disjoint_and_balanced():
+    labels = torch.arange(10).repeat(600)
+    pool, val = split_train_val(labels, 500, seed=0)
+    assert len(val) == 500 and len(pool) == 5500
+    assert not set(pool.tolist()) & set(val.tolist())
+    assert torch.bincount(labels[val], minlength=10).tolist() == [50] * 10
+    assert torch.equal(val, split_train_val(labels, 500, seed=0)[1])
+
+
+# ---------------- GridClassifier ----------------
+
+@pytest.mark.parametrize('size', sorted(GRID_CLASSIFIER_SIZES))
+def test_grid_classifier_shapes(size):
+    kw = grid_classifier_kwargs(size, 256)
+    clf = GridClassifier(256, 10, **kw).eval()
+    assert len(clf.blocks) == GRID_CLASSIFIER_SIZES[size]['blocks']
+    out = clf(torch.randn(3, 256, 6, 6))
+    assert out.shape == (3, 10)
+    assert clf(torch.randn(2, 256, 4, 7)).shape == (2, 10)  # any grid size
+    with pytest.raises(ValueError, match='latent grid'):
+        clf(torch.randn(3, 128, 6, 6))
+
+
+def test_grid_classifier_paper_size_is_eleven_blocks_on_the_encoder_grid():
+    enc = timm.create_model('cpcv2_resnet_tiny', num_classes=0)
+    clf = GridClassifier(enc.num_features, 10, **grid_classifier_kwargs('paper', enc.num_features))
+    assert len(clf.blocks) == 11 and clf.num_features == enc.num_features
+    assert clf(enc.forward_features(torch.randn(2, 1, 28, 28))).shape == (2, 10)
+    with pytest.raises(ValueError, match='Unknown classifier size'):
+        grid_classifier_kwargs('huge', 256)
+
+
+# ---------------- frozen vs fine-tuned ----------------
+
+def test_frozen_keeps_and_finetune_changes_encoder_weights(fmnist_dir):
+    cfg = EvalConfig(val_size=100, train_subset=200, frozen_max_steps=3, e2e_max_steps=3, e2e_batch=16,
+                     frozen_batch=32, progress=False)
+    data = load_eval_data(cfg)
+    enc, _ = load_encoder('random', 'cpcv2_resnet_tiny', random_seed=0)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    feats = features_for(enc, data, True, 'extract', cfg)
+    rec = run_arm('cpc_frozen', 0.5, 0, data, cfg, enc, feats)
+    assert 0 <= rec['accuracy'] <= 1 and rec['config']['steps'] == 3
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+
+    rec = run_arm('cpc_finetune', 0.5, 0, data, cfg, enc, feats)
+    tuned = rec['model'].encoder.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], tuned[k])]
+    assert len(changed) > len(before) // 2, changed  # the encoder itself was trained ...
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # ... on a copy
+    assert rec['config']['encoder_lr_scale'] == cfg.finetune_encoder_lr_scale
+
+    with pytest.raises(ValueError, match='Unknown arm'):
+        run_arm('cpc_magic', 0.5, 0, data, cfg, enc, feats)
+
+
+# ---------------- targets ----------------
+
+def test_check_targets_pass_and_miss():
+    s = {'cpc_frozen': {0.01: (0.80, 0, 1), 0.05: (0.84, 0, 1), 0.1: (0.85, 0, 1)},
+         'scratch': {0.02: (0.75, 0, 1), 0.1: (0.86, 0, 1), 0.2: (0.85, 0, 1)},
+         'cpc_linear': {0.01: (0.7, 0, 1), 0.1: (0.8, 0, 1)},
+         'random_linear': {0.01: (0.6, 0, 1), 0.1: (0.81, 0, 1)}}
+    t = {x['target']: x['status'] for x in check_targets(s)}
+    assert t == {'CPC@1% >= scratch@2%': 'PASS', 'CPC@5% >= scratch@10%': 'MISS',
+                 'CPC@10% >= scratch@20%': 'PASS', 'CPC linear > random linear at every fraction': 'MISS'}
+    assert all(x['status'] == 'n/a' for x in check_targets({'cpc_linear': {0.01: (0.7, 0, 1)}}))
+
+
+# ---------------- CLI errors ----------------
+
+def test_cli_rejects_unknown_arm_and_bad_fraction(tmp_path, capsys):
+    assert main(['figure1', '--checkpoint', 'random', '--out', str(tmp_path), '--arms', 'cpc_linear,bogus']) == 2
+    assert 'bogus' in capsys.readouterr().err
+    assert main(['figure1', '--checkpoint', 'random', '--out', str(tmp_path), '--fractions', '0.1,2']) == 2
+    assert 'outside (0, 1]' in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match='Fashion-MNIST'):
+        main(['figure1', '--checkpoint', 'random', '--out', str(tmp_path), '--data-dir', str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match='neither'):
+        load_encoder('no_such_thing')
+
+
+# ---------------- the whole pipeline ----------------
+
+def test_figure1_end_to_end_on_fashion_mnist_subset(tmp_path, fmnist_dir):
+    out = tmp_path / 'fig'
+    argv = ['figure1', '--checkpoint', 'random', '--out', str(out), '--arms', ','.join(ARMS),
+            '--train-subset', '1000', '--val-size', '500', '--fractions', '10%,0.5', '--seeds', '0',
+            '--frozen-max-steps', '40', '--e2e-max-steps', '6', '--e2e-batch', '32', '--linear-max-iter', '50',
+            '--no-progress']
+    assert main(argv) == 0
+    res = json.loads((out / 'results.json').read_text())
+    runs = res['runs']
+    assert {(r['arm'], r['fraction']) for r in runs} == {(a, f) for a in ARMS for f in (0.1, 0.5)}
+    for r in runs:
+        assert 0 <= r['accuracy'] <= 1 and r['wall_s'] > 0 and r['split'] == 'val' and r['n_eval'] == 500
+        assert r['n_labels'] == {0.1: 100, 0.5: 500}[r['fraction']]
+    acc = {(r['arm'], r['fraction']): r['accuracy'] for r in runs}
+    # Even random features carry the class (a linear probe on them is far above the 10% chance level).
+    for arm in ('cpc_linear', 'random_linear'):
+        assert acc[(arm, 0.1)] > 0.3 and acc[(arm, 0.5)] > 0.4, acc
+    assert acc[('cpc_frozen', 0.5)] > 0.15, acc
+    assert res['wall_s'] > 0 and res['n_pool'] == 1000 and res['n_val'] == 500
+    assert {t['target'] for t in res['targets']} >= {'CPC@1% >= scratch@2%'}
+    assert res['config']['seeds'] == [0]
+    table = (out / 'table.md').read_text()
+    assert 'Supervised from scratch' in table and 'Wall time' in table
+    png = (out / 'figure1.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+
+    # the labelled subsets are balanced and never touch the validation images
+    cfg = EvalConfig(val_size=500, train_subset=1000)
+    data = load_eval_data(cfg)
+    assert not set(data.pool_index.tolist()) & set(data.val_index.tolist())
+    sub = balanced_subset(data.pool_y, 0.1, 0)
+    assert torch.bincount(data.pool_y[sub], minlength=10).tolist() == [10] * 10
+
+    (out / 'table.md').unlink()
+    assert main(['plot', str(out)]) == 0 and (out / 'table.md').is_file()
+
+
+def test_loads_training_checkpoint_folder(tmp_path):
+    from safetensors.torch import save_file
+    enc = timm.create_model('cpcv2_resnet_tiny', num_classes=0)
+    ck = tmp_path / 'step_000010'
+    ck.mkdir()
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(ck / 'encoder.safetensors'))
+    (ck / 'config.json').write_text(json.dumps(dict(model='cpcv2_resnet_tiny', model_args={})))
+    loaded, src = load_encoder(str(ck))
+    assert src['kind'] == 'folder' and src['model'] == 'cpcv2_resnet_tiny'
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in enc.state_dict().items())
+    loaded2, src2 = load_encoder(str(ck / 'encoder.safetensors'), 'cpcv2_resnet_tiny')
+    assert src2['kind'] == 'file'
+    assert all(torch.equal(v, loaded2.state_dict()[k]) for k, v in enc.state_dict().items())

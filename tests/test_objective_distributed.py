@@ -1,0 +1,121 @@
+"""CPCObjective under torch.distributed (2 CPU processes, gloo, DDP) vs one process on the same global batch.
+
+Each rank's loss is the mean over its own anchors against the all-gathered targets, so
+  mean over ranks of the rank losses == the single-process loss,
+  DDP-averaged parameter gradients  == the single-process gradients,
+  rank r's input gradient           == world_size * single-process gradient of its shard
+(the gather's backward sums every rank's loss gradient into the shard owner; DDP's 1/world_size then
+applies when the input gradient reaches the encoder's parameters, which the tiny encoder here checks).
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from cpc_models.distributed import gather_with_grad, init_distributed, is_main_process, world_size
+from cpc_models.objective import CPCObjective
+
+WORLD = 2
+GLOBAL_BATCH = 4
+
+
+class _Model(nn.Module):
+    """1x1-conv 'encoder' on a fake input grid + the objective, so encoder gradients are checked too."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 8, 1)
+        self.objective = CPCObjective(8, context_hidden=8, context_blocks=2, target_dim=6, offsets=(1, 2),
+                                      directions=4, emb_scale=0.5)
+
+    def forward(self, x):
+        return self.objective(self.encoder(x))
+
+
+def _build():
+    torch.manual_seed(0)
+    model = _Model().double()
+    x = torch.randn(GLOBAL_BATCH, 3, 4, 5, dtype=torch.float64)
+    return model, x
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES='')
+    got_rank, got_world, device = init_distributed()
+    assert (got_rank, got_world, device.type, world_size(), is_main_process()) == (rank, WORLD, 'cpu', WORLD, rank == 0)
+    model, x = _build()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x = x.chunk(WORLD)[rank].clone().requires_grad_(True)
+    out = ddp(x)
+    out.loss.backward()
+    # gather_with_grad on its own: forward order and backward sum over ranks.
+    shard = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    gathered = gather_with_grad(shard)
+    (gathered * (rank + 1)).sum().backward()
+    torch.save(dict(loss=out.loss.detach(), acc=out.metrics['acc'], x_grad=x.grad,
+                    grads={n: p.grad for n, p in model.named_parameters()},
+                    gathered=gathered.detach(), shard_grad=shard.grad), os.path.join(out_dir, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def ranks(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('ddp'))
+    # fork: the children inherit the imported modules instead of re-importing torch and timm (~10 s each on a
+    # busy machine); spawn once CUDA is initialized, which a forked child cannot use.
+    method = 'spawn' if torch.cuda.is_initialized() else 'fork'
+    mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True, start_method=method)
+    return [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope='module')
+def single():
+    model, x = _build()
+    x.requires_grad_(True)
+    out = model(x)
+    out.loss.backward()
+    return dict(loss=out.loss.detach(), x_grad=x.grad, grads={n: p.grad for n, p in model.named_parameters()})
+
+
+def test_mean_rank_loss_is_the_single_process_loss(ranks, single):
+    rank_losses = torch.stack([r['loss'] for r in ranks])
+    torch.testing.assert_close(rank_losses.mean(), single['loss'], atol=1e-10, rtol=0)
+    # Not trivially equal: each rank scores only its own anchors.
+    assert not torch.allclose(rank_losses[0], rank_losses[1])
+
+
+def test_ddp_gradients_match_single_process(ranks, single):
+    for name, g in single['grads'].items():
+        for r in ranks:  # DDP has already averaged, so every rank holds the same gradient
+            torch.testing.assert_close(r['grads'][name], g, atol=1e-10, rtol=0, msg=f'gradient of {name}')
+
+
+def test_input_gradient_is_world_size_times_single_process(ranks, single):
+    for rank, r in enumerate(ranks):
+        torch.testing.assert_close(r['x_grad'] / WORLD, single['x_grad'].chunk(WORLD)[rank], atol=1e-10, rtol=0)
+
+
+def test_gather_with_grad_orders_by_rank_and_sums_gradients(ranks):
+    expected = torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)])
+    for r in ranks:
+        torch.testing.assert_close(r['gathered'], expected)
+        # rank s's loss is (s + 1) * sum(gathered): every shard receives 1 + 2 from the two ranks.
+        torch.testing.assert_close(r['shard_grad'], torch.full((2, 3), 3.0))
+
+
+def test_single_process_helpers_are_no_ops():
+    x = torch.randn(3, 2)
+    assert gather_with_grad(x) is x
+    assert world_size() == 1 and is_main_process()
