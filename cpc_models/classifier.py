@@ -1,4 +1,4 @@
-"""The paper's classifier on the CPC latent grid ("efficient classification", Hénaff et al. 2020, Sec. 4.3).
+"""The paper's classifier on the CPC latent grid ("efficient classification", Hénaff et al. 2020, Fig. 1).
 
 The paper trains a ResNet-33 (11 pre-activation bottleneck blocks, 3 convolutions each) on top of the CPC
 feature grid z (B, C, rows, cols) with a fraction of the labels. The blocks keep the grid's resolution (no

@@ -11,6 +11,7 @@ augmentation draws). SIGTERM saves a checkpoint at the end of the current step a
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -136,16 +137,35 @@ def _parse_value(text: str, default):
         return text
 
 
+def _jsonable(v):
+    return [_jsonable(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def nested_defaults() -> Dict[str, Dict]:
+    """Every settable key of the ``objective`` (CPCObjective kwargs) and ``augment`` (PatchAugmentConfig) groups."""
+    sig = inspect.signature(CPCObjective.__init__).parameters
+    objective = {k: _jsonable(p.default) for k, p in sig.items() if k not in ('self', 'latent_channels')}
+    augment = {k: _jsonable(v) for k, v in dataclasses.asdict(PatchAugmentConfig()).items()}
+    return dict(objective=objective, augment=augment)
+
+
 def build_config(argv: Optional[List[str]] = None) -> TrainConfig:
-    """Preset, then command-line overrides (``--key value``, nested ``--objective.offsets [1,2,3]``)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    """Preset, then command-line overrides (``--key value``, nested ``--objective.offsets [1,2,3]``).
+
+    The ``objective`` and ``augment`` groups are resolved in full (library defaults, then the preset, then the
+    command line), so the printed and checkpointed config holds every value the run used.
+    """
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument('--preset', default='fmnist_tiny', choices=sorted(PRESETS))
     known, rest = pre.parse_known_args(argv)
     base = dataclasses.asdict(TrainConfig())
     base.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[known.preset].items()})
+    for group, defaults in nested_defaults().items():
+        base[group] = {**defaults, **{k: _jsonable(v) for k, v in base[group].items()}}
 
     parser = argparse.ArgumentParser(
-        prog='cpc-train', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[pre])
+        prog='cpc-train', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[pre],
+        allow_abbrev=False)
     flat = _flatten(base)
     for key, default in flat.items():
         parser.add_argument(f'--{key}', f'--{key.replace("_", "-")}', dest=key, default=None, metavar='V',
@@ -165,10 +185,22 @@ def build_config(argv: Optional[List[str]] = None) -> TrainConfig:
             group, leaf = key.split('.', 1)
             if group not in ('objective', 'augment', 'model_args'):
                 parser.error(f'unknown option --{key}')
+            if group != 'model_args' and key not in flat:  # model_args: any timm.create_model kwarg
+                parser.error(f'unknown option --{key}; the {group} group has: {", ".join(sorted(base[group]))}')
             target = base[group]
-        if key not in flat and '.' not in key:
+        elif key not in flat:
             parser.error(f'unknown option --{key}')
-        target[leaf] = _parse_value(text, flat.get(key, None))
+        try:
+            value = _parse_value(text, flat.get(key, None))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            parser.error(f'--{key} {text!r}: {e}')
+        if isinstance(flat.get(key), int) and not isinstance(flat.get(key), bool) and not isinstance(value, int):
+            parser.error(f'--{key} expects an integer, got {text!r}')
+        if key in ('objective', 'augment', 'model_args'):
+            if not isinstance(value, dict):
+                parser.error(f'--{key} expects a JSON object, got {text!r}')
+            value = {**base[key], **value}  # a group given as JSON updates the group
+        target[leaf] = value
     return TrainConfig(**base)
 
 
@@ -241,7 +273,8 @@ def _save_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, model: CPCModel
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, tmp / 'encoder.safetensors')
     save_file({k: v.contiguous() for k, v in model.objective.state_dict().items()}, tmp / 'objective.safetensors')
-    state = dict(step=step, optimizer=optimizer.state_dict(), rng_cpu=torch.get_rng_state(), rng_aug=aug_states)
+    state = dict(step=step, optimizer=optimizer.state_dict(), rng_cpu=torch.get_rng_state(), rng_aug=aug_states,
+                 wall_time_s=metrics.get('wall_time_s', 0.0))
     if torch.cuda.is_available():
         state['rng_cuda'] = torch.cuda.get_rng_state_all()
     torch.save(state, tmp / 'state.pt')
@@ -252,9 +285,26 @@ def _save_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, model: CPCModel
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(root.glob('step_*[0-9]'))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep_last > 0:
+        for old in sorted(root.glob('step_*[0-9]'))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past ``step`` (and a torn last line): the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)['step'] <= step:
+                kept.append(line + '\n')
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(''.join(kept))
+    os.replace(tmp, path)
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -266,6 +316,13 @@ def _memory_mb(device: torch.device) -> float:
 def train(cfg: TrainConfig) -> Dict:
     """Run (or resume) pretraining; returns the final metrics. Raises NonFiniteLossError on NaN/inf loss."""
     # ============ distributed and device ============
+    if cfg.data != 'fashion-mnist':
+        if not cfg.data:
+            raise ValueError("This preset needs --data: a folder of training images (e.g. ImageNet's train/), "
+                             "or --data fashion-mnist.")
+        if not Path(cfg.data).is_dir():
+            raise FileNotFoundError(f'--data {cfg.data}: no such folder (pass a folder of JPEG/PNG images, searched '
+                                    f'recursively, or fashion-mnist).')
     rank, world, device = init_distributed()
     if cfg.device != 'auto':
         device = torch.device(cfg.device)
@@ -307,10 +364,13 @@ def train(cfg: TrainConfig) -> Dict:
         lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == 'cuda')
 
     # ============ resume ============
-    step = 0
+    step, wall_before = 0, 0.0
     resume_from = None if cfg.resume == 'none' else (
         latest_checkpoint(out_dir) if cfg.resume == 'auto' else Path(cfg.resume))
     if resume_from is not None:
+        if not (resume_from / 'state.pt').is_file():
+            raise FileNotFoundError(f'--resume {resume_from}: not a checkpoint folder (no state.pt); pass a '
+                                    f'{out_dir}/checkpoints/step_* folder, auto or none.')
         model.encoder.load_state_dict(load_file(resume_from / 'encoder.safetensors', device=str(device)))
         model.objective.load_state_dict(load_file(resume_from / 'objective.safetensors', device=str(device)))
         state = torch.load(resume_from / 'state.pt', map_location='cpu', weights_only=True)
@@ -323,10 +383,13 @@ def train(cfg: TrainConfig) -> Dict:
         if 'rng_cuda' in state and device.type == 'cuda':
             torch.cuda.set_rng_state_all(state['rng_cuda'])
         step = state['step']
+        wall_before = float(state.get('wall_time_s', 0.0))
         if main_process:
             print(f'resumed from {resume_from} at step {step}')
+            _trim_log(out_dir / 'metrics.jsonl', step)
 
     sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, start_step=step)
+    local_batch = cfg.batch_size // world
     total_steps = cfg.max_steps or int(cfg.epochs * sampler.steps_per_epoch)
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_skip, num_workers=cfg.num_workers,
@@ -341,6 +404,8 @@ def train(cfg: TrainConfig) -> Dict:
         print(f'{cfg.model}: {n_params / 1e6:.2f}M encoder parameters; {img_size}px images -> {rows}x{cols} grid of '
               f'{encoder.patch_size}px patches; {world} process(es); {total_steps} steps on {device}')
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (out_dir / 'checkpoints').glob('.tmp_step_*'):  # left by a killed run mid-save
+            shutil.rmtree(stale, ignore_errors=True)
 
     stop = {'signal': None}
 
@@ -355,17 +420,20 @@ def train(cfg: TrainConfig) -> Dict:
     skipped_total = 0
     log_file = open(out_dir / 'metrics.jsonl', 'a') if main_process else None
     bar = tqdm(total=total_steps, initial=step, disable=not (main_process and cfg.progress), desc='cpc-train')
-    t_last, images_since = time.perf_counter(), 0
+    t_start = t_last = time.perf_counter()
+    images_since = 0
     model.train()
     try:
         for batch, skipped in loader:
             if step >= total_steps:
                 break
-            skipped_total += skipped
             if batch is None:
+                skipped_total += skipped
                 continue
             for g in optimizer.param_groups:
                 g['lr'] = lr_at(step, cfg, total_steps)
+            if world > 1 and batch.shape[0] < local_batch:  # unreadable images: refill so every rank has the same
+                batch = batch[torch.arange(local_batch) % batch.shape[0]]  # shape (the target gather needs it)
             x = batch.to(device, non_blocking=True).float().div_(255)
             b = x.shape[0]
             p = patchify(x, encoder.patch_size, encoder.patch_stride)  # (B, R, W, C, P, P)
@@ -376,9 +444,18 @@ def train(cfg: TrainConfig) -> Dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == 'cuda'):
                 out = ddp_model(flat.view(b, *p.shape[1:3], *flat.shape[1:]))
             loss = out.loss
-            if not torch.isfinite(loss):
+            # Logged values are the mean over ranks (= the single-process values on the global batch);
+            # skipped images are summed. Every rank sees the same numbers, so all stop together on NaN.
+            stats = torch.stack([loss.detach().float(), *[v.detach().float() for v in out.metrics.values()],
+                                 torch.tensor(float(skipped), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(stats)
+                stats[:-1] /= world
+            stats = stats.tolist()
+            skipped_total += int(stats[-1])
+            if not math.isfinite(stats[0]):
                 raise NonFiniteLossError(
-                    f'Loss is {loss.item()} at step {step}; stopping. Last good checkpoint: '
+                    f'Loss is {stats[0]} at step {step}; stopping. Last good checkpoint: '
                     f'{last_ckpt or "none"}. Lower --lr, raise --warmup-steps or check the data, then resume '
                     f'with --resume {last_ckpt or "none"}.')
             optimizer.zero_grad(set_to_none=True)
@@ -392,11 +469,12 @@ def train(cfg: TrainConfig) -> Dict:
             if main_process and (step % cfg.log_every == 0 or step == total_steps):
                 dt = time.perf_counter() - t_last
                 metrics = dict(
-                    step=step, epoch=step / sampler.steps_per_epoch, loss=loss.item(),
-                    **{k: float(v) for k, v in out.metrics.items()},
+                    step=step, epoch=step / sampler.steps_per_epoch, loss=stats[0],
+                    **dict(zip(out.metrics, stats[1:-1])),
                     lr=optimizer.param_groups[0]['lr'], grad_norm=float(grad_norm),
                     images_per_s=images_since / dt, patches_per_s=images_since * rows * cols / dt,
-                    memory_mb=_memory_mb(device), skipped_images=skipped_total)
+                    memory_mb=_memory_mb(device), skipped_images=skipped_total,
+                    wall_time_s=wall_before + time.perf_counter() - t_start)
                 log_file.write(json.dumps(metrics) + '\n')
                 log_file.flush()
                 bar.set_postfix(loss=f'{metrics["loss"]:.3f}', acc=f'{metrics.get("acc", 0):.3f}',
@@ -413,8 +491,9 @@ def train(cfg: TrainConfig) -> Dict:
                     aug_states = [None] * world
                     torch.distributed.all_gather_object(aug_states, aug_gen.get_state().cpu())
                 if main_process:
-                    last_ckpt = _save_checkpoint(out_dir, step, cfg, model, optimizer, aug_states, metrics,
-                                                 cfg.keep_last)
+                    wall = wall_before + time.perf_counter() - t_start
+                    last_ckpt = _save_checkpoint(out_dir, step, cfg, model, optimizer, aug_states,
+                                                 dict(metrics, wall_time_s=wall), cfg.keep_last)
                 if world > 1:
                     torch.distributed.barrier()
             if stopping:
@@ -439,6 +518,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint: say what to change
+        print(f'error: {e}', file=sys.stderr)
+        return 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

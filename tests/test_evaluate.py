@@ -10,8 +10,17 @@ import cpc_models  # noqa: F401
 from cpc_models.classifier import GRID_CLASSIFIER_SIZES, GridClassifier, grid_classifier_kwargs
 from cpc_models.data import fashion_mnist_dir
 from cpc_models.evaluate import (
-    ARMS, EvalConfig, balanced_subset, check_targets, features_for, load_encoder, load_eval_data, main,
-    run_arm, split_train_val)
+    ARMS,
+    EvalConfig,
+    balanced_subset,
+    check_targets,
+    features_for,
+    load_encoder,
+    load_eval_data,
+    main,
+    run_arm,
+    split_train_val,
+)
 
 
 @pytest.fixture(scope='module')
@@ -171,3 +180,14 @@ def test_loads_training_checkpoint_folder(tmp_path):
     loaded2, src2 = load_encoder(str(ck / 'encoder.safetensors'), 'cpcv2_resnet_tiny')
     assert src2['kind'] == 'file'
     assert all(torch.equal(v, loaded2.state_dict()[k]) for k, v in enc.state_dict().items())
+
+
+def test_test_split_is_separate_and_limited(fmnist_dir):
+    from cpc_models.evaluate import run_figure1
+    cfg = EvalConfig(arms=('random_linear',), split='test', eval_limit=300, train_subset=500, val_size=200,
+                     fractions=(1.0,), seeds=(0,), progress=False, checkpoint='random')
+    res = run_figure1(cfg)
+    (run,) = res['runs']
+    assert run['split'] == 'test' and run['n_eval'] == 300 and res['n_val'] == 200 and res['n_pool'] == 500
+    assert 0.3 < run['accuracy'] <= 1
+    assert run['config']['wd'] in cfg.linear_wds

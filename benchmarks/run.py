@@ -1,0 +1,466 @@
+"""The cpc-models benchmark suite: one command per machine kind, results as JSON + a Markdown table.
+
+    PYTHONPATH=. python -m benchmarks.run --device cpu                 # ~10 min on 2 cores
+    PYTHONPATH=. python -m benchmarks.run --device cuda --out $OUT     # see benchmarks/gpu_run.sh
+    PYTHONPATH=. python -m benchmarks.run --device cpu --smoke --out /tmp/b   # < 30 s, tiny model only
+
+For every registered variant: patch-grid inference (images/s) and the full training step of cpc_models/train.py
+(patchify -> PatchAugment -> normalize -> encoder.forward_patches -> CPCObjective -> backward -> grad clip ->
+AdamW; synthetic uint8 images already on the device, no data loading), in several modes: ``base`` (fp32,
+contiguous), ``ckpt`` (gradient checkpointing), ``cl`` (channels_last), ``bf16`` (autocast, CUDA only),
+``compile`` (torch.compile of the trunk, as train.py) and combinations such as ``bf16+cl+ckpt``. Each row has the
+median step time (torch.utils.benchmark), images/s, peak memory, FLOPs (torch.utils.flop_counter) and the
+achieved FLOP/s as a fraction of the machine's peak (MFU). Then the naive baselines (benchmarks/baselines.py) and
+a torch.profiler breakdown of one training step (benchmarks/profile_step.py). See docs/benchmarks.md.
+
+Big variants run on the CPU at batch 1 on a reduced square grid of the same patches (``--grid``); their
+'native-grid estimate' of images/s divides the measured patches/s by the native patch count.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils import benchmark
+
+from benchmarks import baselines as B
+from benchmarks.cases import (VARIANTS, apply_mode, build_setup, count_flops, geometry, make_inference,
+                              make_train_step, parse_mode)
+from benchmarks.common import machine_info, measure
+from benchmarks.profile_step import profile_train_step
+from cpc_models.augment import PatchAugmentConfig
+
+SCHEMA = 'cpc-models-benchmarks/1'
+H200_BF16_DENSE_TFLOPS = 790.0  # dense bf16 matrix rate of an H200 as measured on this workplace's machines
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+# Per machine kind: batch (and on the CPU a reduced grid) per variant, modes, order of the work.
+# 'BASELINES', 'PROFILE' and 'COMPILE' in `order` place those phases.
+PROFILES = {
+    'cpu': dict(
+        # 1 thread: on a shared 2-core machine under load, 2 OpenMP threads ran ~5x slower than 1 (their barriers
+        # wait for a descheduled thread); --extra-threads re-times one row at 2 threads to show it.
+        threads=1, extra_threads=2, compile_min_left=60.0, min_run_time=1.0, repeats=1, time_budget=660.0,
+        settings={'cpcv2_resnet161': dict(batch=1, grid=2, infer_modes=['base'], train_modes=['base', 'ckpt']),
+                  'cpcv2_resnet50': dict(batch=1, grid=3, infer_modes=['base', 'cl'], train_modes=['base', 'ckpt', 'cl']),
+                  'cpcv1_resnet101': dict(batch=1, grid=3, infer_modes=['base'], train_modes=['base', 'ckpt']),
+                  'cpcv2_resnet_small': dict(batch=4), 'cpcv2_resnet_tiny': dict(batch=16)},
+        order=['cpcv2_resnet_tiny', 'cpcv2_resnet_small', 'BASELINES', 'PROFILE', 'cpcv2_resnet50',
+               'cpcv2_resnet161', 'cpcv1_resnet101', 'COMPILE'],
+        infer_modes=['base', 'cl'], train_modes=['base', 'ckpt', 'cl'],
+        compile_variants=['cpcv2_resnet_tiny'], compile_infer_mode='compile', compile_train_mode='compile',
+        profile=dict(variant='cpcv2_resnet_tiny', batch=16, mode='cl'),  # train.py's defaults: channels_last
+        baselines=dict(loop_tiny_batch=8, loop_big=('cpcv2_resnet50', 1, 3), pil_imagenet_images=4,
+                       neg_sizes=[('fmnist_tiny preset', 32, 6, 6, 4, (2, 3)), ('ImageNet, 64 img/GPU', 64, 6, 6, 4, (3,))]),
+    ),
+    'cuda': dict(
+        threads=8, extra_threads=None, compile_min_left=150.0, min_run_time=1.5, repeats=3, time_budget=420.0,
+        settings={'cpcv2_resnet161': dict(batch=32), 'cpcv2_resnet50': dict(batch=64),
+                  'cpcv1_resnet101': dict(batch=64), 'cpcv2_resnet_small': dict(batch=128),
+                  'cpcv2_resnet_tiny': dict(batch=256)},
+        order=['cpcv2_resnet161', 'cpcv2_resnet50', 'BASELINES', 'PROFILE', 'cpcv1_resnet101',
+               'cpcv2_resnet_small', 'cpcv2_resnet_tiny', 'COMPILE'],
+        infer_modes=['base', 'cl', 'bf16', 'bf16+cl'],
+        train_modes=['bf16+cl', 'bf16+cl+ckpt', 'base', 'ckpt', 'cl', 'bf16'],
+        compile_variants=['cpcv2_resnet161', 'cpcv2_resnet50'], compile_infer_mode='bf16+cl+compile',
+        compile_train_mode='bf16+cl+compile',
+        profile=dict(variant='cpcv2_resnet161', batch=32, mode='bf16+cl'),
+        baselines=dict(loop_tiny_batch=32, loop_big=('cpcv2_resnet50', 4, None), pil_imagenet_images=16,
+                       neg_sizes=[('fmnist_tiny preset', 32, 6, 6, 4, (2, 3)), ('ImageNet, 64 img/GPU', 64, 6, 6, 4, (3,))]),
+    ),
+}
+SMOKE = dict(
+    min_run_time=0.05, repeats=1, time_budget=25.0, extra_threads=None, compile_min_left=0.0,
+    settings={'cpcv2_resnet_tiny': dict(batch=2)},
+    order=['cpcv2_resnet_tiny', 'BASELINES', 'PROFILE'],
+    infer_modes=['base', 'cl'], train_modes=['base', 'ckpt'], compile_variants=[],
+    profile=dict(variant='cpcv2_resnet_tiny', batch=2, mode='base'),
+    baselines=dict(loop_tiny_batch=1, loop_big=None, pil_imagenet_images=0,
+                   neg_sizes=[('fmnist_tiny, 2 img', 2, 6, 6, 4, (2, 3))]),
+)
+
+
+def _kv(items: Optional[List[str]], cast=int) -> Dict[str, int]:
+    out = {}
+    for item in items or []:
+        k, v = item.split('=', 1)
+        out[k] = cast(v)
+    return out
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog='python -m benchmarks.run', description=__doc__.splitlines()[0])
+    ap.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    ap.add_argument('--smoke', action='store_true', help='tiny model only, few repeats (< 30 s); for tests')
+    ap.add_argument('--out', default=str(RESULTS), help='folder for <name>.json and <name>.md')
+    ap.add_argument('--name', default=None, help='file name stem (default: the device, "<device>_smoke" in smoke)')
+    ap.add_argument('--variants', nargs='*', default=None, help=f'subset of {VARIANTS}')
+    ap.add_argument('--batch', nargs='*', metavar='VARIANT=N', help='override batch sizes')
+    ap.add_argument('--grid', nargs='*', metavar='VARIANT=R', help='reduced R x R grid (0 = native)')
+    ap.add_argument('--infer-modes', nargs='*', default=None)
+    ap.add_argument('--train-modes', nargs='*', default=None)
+    ap.add_argument('--compile-variants', nargs='*', default=None)
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (cpu default 2)')
+    ap.add_argument('--min-run-time', type=float, default=None)
+    ap.add_argument('--repeats', type=int, default=None, help='timed calls for slow steps')
+    ap.add_argument('--time-budget', type=float, default=None,
+                    help='seconds; work not started by then is skipped and recorded as skipped')
+    ap.add_argument('--compile-min-left', type=float, default=None,
+                    help='seconds of budget a torch.compile row needs left to start')
+    ap.add_argument('--skip-baselines', action='store_true')
+    ap.add_argument('--skip-profile', action='store_true')
+    return ap.parse_args(argv)
+
+
+def resolve(args) -> SimpleNamespace:
+    cfg = dict(PROFILES[args.device])
+    if args.smoke:
+        cfg.update(SMOKE)
+    cfg['settings'] = {k: dict(v) for k, v in cfg['settings'].items()}
+    for k, v in _kv(args.batch).items():
+        cfg['settings'].setdefault(k, {})['batch'] = v
+    for k, v in _kv(args.grid).items():
+        cfg['settings'].setdefault(k, dict(batch=1))['grid'] = v or None
+    for key in ('infer_modes', 'train_modes', 'compile_variants', 'threads', 'min_run_time', 'repeats',
+                'time_budget', 'compile_min_left'):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    variants = args.variants if args.variants is not None else [v for v in cfg['order'] if v in VARIANTS]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f'unknown variants {sorted(unknown)}; choose from {VARIANTS}')
+    cfg['variants'] = [v for v in cfg['order'] if v in variants] + [v for v in variants if v not in cfg['order']]
+    cfg['compile_variants'] = [v for v in cfg['compile_variants'] if v in cfg['variants']]
+    return SimpleNamespace(**cfg)
+
+
+def peak_flops(device: torch.device, threads: int, smoke: bool) -> Dict:
+    """Measured dense matmul rate (fp32 on the CPU, bf16 on CUDA) on random data, and the reference peak."""
+    if device.type == 'cuda':
+        n, dtype = (1024 if smoke else 8192), torch.bfloat16
+    else:
+        n, dtype = (256 if smoke else 2048), torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    torch.mm(a, b)
+    m = benchmark.Timer('torch.mm(a, b)', globals=dict(a=a, b=b, torch=torch), num_threads=threads) \
+        .blocked_autorange(min_run_time=0.2 if smoke else 2.0)
+    measured = 2 * n ** 3 / m.median
+    out = dict(matmul=f'{n}x{n}x{n} {str(dtype).split(".")[-1]}', measured_flops=measured,
+               load_avg=os.getloadavg()[0])
+    if device.type == 'cuda':
+        out.update(reference_flops=H200_BF16_DENSE_TFLOPS * 1e12,
+                   reference='dense bf16 peak of an H200 (~790 TFLOP/s; measured matmul given beside it)')
+    else:
+        out.update(reference_flops=measured, reference=f'measured fp32 matmul ({out["matmul"]}, {threads} threads)')
+    return out
+
+
+class Suite:
+    def __init__(self, args, cfg):
+        self.args, self.cfg = args, cfg
+        self.device = torch.device(args.device)
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + cfg.time_budget
+        self.out = Path(args.out)
+        self.name = args.name or (f'{args.device}_smoke' if args.smoke else args.device)
+        self.ctx = SimpleNamespace(device=self.device, threads=cfg.threads, min_run_time=cfg.min_run_time,
+                                   repeats=cfg.repeats)
+        self.doc = dict(schema=SCHEMA, device=args.device, smoke=args.smoke,
+                        command='PYTHONPATH=. python -m benchmarks.run ' + ' '.join(sys.argv[1:]),
+                        machine=machine_info(self.device, cfg.threads),
+                        settings=dict(threads=cfg.threads, min_run_time=cfg.min_run_time, repeats=cfg.repeats,
+                                      time_budget_s=cfg.time_budget, batches=cfg.settings,
+                                      infer_modes=cfg.infer_modes, train_modes=cfg.train_modes,
+                                      compile_variants=cfg.compile_variants, variants=cfg.variants),
+                        peak={}, flops=[], results=[], baselines=[], profile=None, skipped=[], errors=[])
+
+    def log(self, msg: str) -> None:
+        print(f'[{time.monotonic() - self.t0:6.1f}s] {msg}', flush=True)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self) -> None:
+        self.doc['elapsed_s'] = time.monotonic() - self.t0
+        self.doc['load_average_at_end'] = list(os.getloadavg())
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f'{self.name}.json').write_text(json.dumps(self.doc, indent=2, default=str) + '\n')
+        (self.out / f'{self.name}.md').write_text(render_markdown(self.doc))
+
+    # ---------------------------------------------------------------- phases
+    def run(self) -> Dict:
+        torch.set_num_threads(self.cfg.threads)
+        self.log(f'peak: timing a large matmul on {self.device}')
+        self.doc['peak'] = peak_flops(self.device, self.cfg.threads, self.args.smoke)
+        self.log(f"  {self.doc['peak']['matmul']}: {self.doc['peak']['measured_flops'] / 1e12:.3f} TFLOP/s")
+        self.count_all_flops()
+        self.save()
+        for item in self.cfg.order:
+            if item == 'BASELINES' and not self.args.skip_baselines:
+                self.baselines()
+            elif item == 'PROFILE' and not self.args.skip_profile:
+                self.profile()
+            elif item == 'COMPILE':
+                for v in self.cfg.compile_variants:
+                    self.variant(v, [], [], compile_phase=True)
+            elif item in self.cfg.variants:
+                st = self.cfg.settings[item]
+                self.variant(item, st.get('infer_modes', self.cfg.infer_modes),
+                             st.get('train_modes', self.cfg.train_modes), extra_threads=self.cfg.extra_threads
+                             if item == self.cfg.variants[0] else None)
+            self.save()
+        for v in self.cfg.variants:  # variants named on the command line but absent from the order
+            if v not in self.cfg.order:
+                self.variant(v, self.cfg.infer_modes, self.cfg.train_modes)
+        self.doc['peak']['measured_flops_at_end'] = peak_flops(self.device, self.cfg.threads, True)['measured_flops'] \
+            if self.device.type == 'cpu' and not self.args.smoke else None
+        self.save()
+        self.log(f'wrote {self.out / self.name}.json and .md')
+        return self.doc
+
+    def count_all_flops(self) -> None:
+        ref = PROFILES['cuda']['settings']
+        for v in self.cfg.variants:
+            t = time.monotonic()
+            s = self.cfg.settings[v]
+            ref_batch = s['batch'] if self.args.smoke else ref[v]['batch']
+            shapes = {(ref_batch, 0), (s['batch'], s.get('grid') or 0)}
+            counts = count_flops(v, sorted(shapes))
+            with torch.device('meta'):
+                import timm
+                params = sum(p.numel() for p in timm.create_model(v, num_classes=0).parameters())
+            for (batch, grid), c in sorted(counts.items()):
+                self.doc['flops'].append(dict(variant=v, params=params, grid_arg=grid, native=grid == 0, **c))
+            nat = counts[(ref_batch, 0)]
+            self.log(f"flops {v}: {nat['fwd_flops_per_image'] / 1e9:.2f} GFLOP/img inference, "
+                     f"{nat['train_flops_per_image'] / 1e9:.2f} GFLOP/img training ({time.monotonic() - t:.1f}s)")
+
+    def _flops(self, variant: str, batch: int, grid: int) -> Dict:
+        return next(f for f in self.doc['flops'] if f['variant'] == variant and f['batch'] == batch
+                    and f['grid_arg'] == (grid or 0))
+
+    def variant(self, v: str, infer_modes, train_modes, compile_phase: bool = False,
+                extra_threads: Optional[int] = None) -> None:
+        st = self.cfg.settings[v]
+        batch, grid = st['batch'], st.get('grid')
+        tasks = [('inference', m) for m in infer_modes] + [('train', m) for m in train_modes]
+        if compile_phase:
+            tasks = [('train', self.cfg.compile_train_mode), ('inference', self.cfg.compile_infer_mode)]
+        tasks = [(k, m, self.cfg.threads) for k, m in tasks if not ('bf16' in parse_mode(m) and self.device.type != 'cuda')]
+        if extra_threads and tasks and extra_threads != self.cfg.threads:
+            tasks.insert(1, (tasks[0][0], tasks[0][1], extra_threads))  # the same row at another thread count
+        if self.left() <= 0:
+            for kind, mode, _ in tasks:
+                self.doc['skipped'].append(dict(variant=v, kind=kind, mode=mode, why='time budget spent'))
+            self.log(f'skipped {v}: time budget spent')
+            return
+        self.log(f'{v}: building (batch {batch}, grid {grid or "native"})')
+        try:
+            s = build_setup(v, self.device, batch, grid)
+        except Exception as e:  # noqa: BLE001
+            self._error(v, 'build', '', e)
+            return
+        native = geometry(v)
+        for kind, mode, threads in tasks:
+            if self.left() <= 0 or ('compile' in mode and self.left() < self.cfg.compile_min_left):
+                why = 'time budget spent' if self.left() <= 0 else \
+                    f'less than {self.cfg.compile_min_left:.0f} s of the time budget left for compiling'
+                self.doc['skipped'].append(dict(variant=v, kind=kind, mode=mode, why=why))
+                self.log(f'  skipped {kind} {mode}: {why}')
+                continue
+            flags = parse_mode(mode)
+            try:
+                apply_mode(s, flags)
+                fn = make_train_step(s, flags)[0] if kind == 'train' else make_inference(s, flags)
+                torch.set_num_threads(threads)
+                m = measure(fn, self.device, threads, self.cfg.min_run_time, self.cfg.repeats,
+                            label=f'{v} {kind} {mode}', warmup=2 if 'compile' in flags else 1)
+            except Exception as e:  # noqa: BLE001  (OOM, compile failure: recorded, the suite goes on)
+                self._error(v, kind, mode, e)
+                if self.device.type == 'cuda':
+                    torch.cuda.empty_cache()
+                continue
+            finally:
+                apply_mode(s, frozenset())
+                torch.set_num_threads(self.cfg.threads)
+            f = self._flops(v, batch, grid or 0)
+            step_flops = f['train_flops'] if kind == 'train' else f['fwd_flops']
+            ppi = s.patches_per_image
+            ips = batch / m['median_s']
+            row = dict(variant=v, kind=kind, mode=mode, flags=sorted(flags), threads=threads, batch=batch, rows=s.geo['rows'],
+                       cols=s.geo['cols'], img_size=s.geo['img_size'], patch=s.geo['patch'],
+                       reduced=s.geo['reduced'], patches_per_image=ppi, images_per_s=ips,
+                       patches_per_s=ips * ppi,
+                       images_per_s_native_est=ips * ppi / (native['rows'] * native['cols']),
+                       flops_per_step=step_flops, achieved_flops=step_flops / m['median_s'],
+                       mfu=step_flops / m['median_s'] / self.doc['peak']['reference_flops'],
+                       compile_s=m['first_call_s'] if 'compile' in flags else None, **m)
+            self.doc['results'].append(row)
+            self.log(f"  {kind:9s} {mode:16s} {threads}t {m['median_s'] * 1e3:9.1f} ms  {ips:9.2f} img/s  "
+                     f"MFU {row['mfu'] * 100:5.1f}%  peak {m['peak_mem_mb']:8.0f} MB  "
+                     f"load {m['load_before']:.1f}->{m['load_after']:.1f}")
+            self.save()
+        del s
+
+    def _error(self, v, kind, mode, e) -> None:
+        msg = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+        self.doc['errors'].append(dict(variant=v, kind=kind, mode=mode, error=msg,
+                                       traceback=traceback.format_exc()[-2000:]))
+        self.log(f'  {kind} {mode}: ERROR {msg}')
+
+    def baselines(self) -> None:
+        self.log('baselines')
+        b = self.cfg.baselines
+        ctx = self.ctx
+        plan = []
+        if 'cpcv2_resnet_tiny' in VARIANTS:
+            plan.append(lambda: B.encoder_loop('cpcv2_resnet_tiny', b['loop_tiny_batch'], None, False, ctx))
+            if not self.args.smoke:
+                plan.append(lambda: B.encoder_loop('cpcv2_resnet_tiny', b['loop_tiny_batch'], None, True, ctx))
+        if b['loop_big']:
+            v, bb, g = b['loop_big']
+            plan.append(lambda: B.encoder_loop(v, bb, g, False, ctx))
+        plan.append(lambda: B.augmentation(64 if not self.args.smoke else 2, 36, 1, 8, PatchAugmentConfig(jitter=1),
+                                           ctx))
+        if b['pil_imagenet_images']:
+            plan.append(lambda: B.augmentation(b['pil_imagenet_images'], 36, 3, 80, PatchAugmentConfig(), ctx))
+        for label, bs, r, c, d, offs in b['neg_sizes']:
+            plan.append(lambda label=label, bs=bs, r=r, c=c, d=d, offs=offs:
+                        B.negatives(label, bs, r, c, d, offs, 64, 16, ctx))
+        self.doc['baselines'] = B.run_all(plan, ctx, self.deadline, self.log)
+
+    def profile(self) -> None:
+        p = self.cfg.profile
+        if self.left() <= 0 or p['variant'] not in VARIANTS:
+            self.doc['skipped'].append(dict(variant=p['variant'], kind='profile', mode=p['mode'],
+                                            why='time budget spent'))
+            return
+        self.log(f"profile: one {p['variant']} training step, batch {p['batch']}, mode {p['mode']}")
+        try:
+            grid = self.cfg.settings.get(p['variant'], {}).get('grid')
+            s = build_setup(p['variant'], self.device, p['batch'], grid)
+            flags = parse_mode(p['mode'])
+            flags = frozenset(f for f in flags if not (f == 'bf16' and self.device.type != 'cuda'))
+            apply_mode(s, flags)
+            res = profile_train_step(s, flags)
+        except Exception as e:  # noqa: BLE001
+            self._error(p['variant'], 'profile', p['mode'], e)
+            return
+        res.update(variant=p['variant'], batch=p['batch'], mode=p['mode'], load_avg=os.getloadavg()[0])
+        self.doc['profile'] = res
+        for r in res['buckets']:
+            self.log(f"  {r['bucket']:48s} fwd {r['forward_ms']:8.1f} ms  bwd {r['backward_ms']:8.1f} ms  "
+                     f"{r['share'] * 100:5.1f}%")
+
+
+# -------------------------------------------------------------------- markdown
+def _fmt_flops(x) -> str:
+    return f'{x / 1e9:,.2f}' if x < 1e12 else f'{x / 1e12:,.2f} T'
+
+
+def render_markdown(doc: Dict) -> str:
+    m, st, pk = doc['machine'], doc['settings'], doc['peak'] or {}
+    dev = doc['device']
+    lines = [f"# cpc-models benchmarks: {dev}{' (smoke run, not a measurement)' if doc['smoke'] else ''}", '',
+             f"Command: `{doc['command']}` (elapsed {doc.get('elapsed_s', 0):.0f} s).", '']
+    hw = f"CPU {m['cpu']} ({m['logical_cores']} logical cores), {m.get('mem_total_gb') or 0:.0f} GiB RAM"
+    if dev == 'cuda':
+        hw = (f"GPU {m.get('gpu')} ({m.get('gpu_mem_gb', 0):.0f} GiB, {m.get('gpu_sms')} SMs, driver "
+              f"{m.get('driver')}, CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}); host " + hw)
+    la0, la1 = m['load_average_at_start'], doc.get('load_average_at_end') or [float('nan')] * 3
+    lines += [f"Machine: {hw}; torch {m['torch']}, torchvision {m['torchvision']}, timm {m['timm']}, "
+              f"Python {m['python']}; {st['threads']} torch threads.", '',
+              f"Load average (1/5/15 min) at start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, at end "
+              f"{la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}; each row gives the 1-min load before -> after its "
+              f"measurement. A load above the core count means the cores were shared with other processes and "
+              f"every time here is inflated by that contention.", '']
+    if pk:
+        ref = pk['reference_flops'] / 1e12
+        lines += [f"Peak for MFU: {pk['reference']} = {ref:.3f} TFLOP/s (matmul {pk['matmul']} measured at "
+                  f"{pk['measured_flops'] / 1e12:.3f} TFLOP/s"
+                  + (f", {pk['measured_flops_at_end'] / 1e12:.3f} at the end" if pk.get('measured_flops_at_end') else '')
+                  + '). MFU = FLOPs of the step (torch.utils.flop_counter: convolutions and matrix products, '
+                  '2 per multiply-add, forward + backward without the recomputation of gradient checkpointing) / '
+                  'median step time / peak.', '']
+    lines += ['Timing: torch.utils.benchmark, median; synthetic uint8 images already on the device (no data '
+              'loading or JPEG decoding). Training step = patchify + PatchAugment (the preset\'s config) + '
+              'normalize + encoder + CPCObjective (the preset\'s) + backward + grad clip + AdamW, as '
+              'cpc_models/train.py. Peak memory: ' + ('CUDA max_memory_allocated.' if dev == 'cuda' else
+              'the process\'s peak RSS (VmHWM, reset per row via /proc/self/clear_refs), with the RSS before '
+              'the row in brackets.'), '']
+    if doc['flops']:
+        lines += ['## FLOPs per image (native grid, at the CUDA benchmark batch; objective cost grows with the '
+                  'batch)', '', '| variant | params | image px | grid | patches/img | batch | GFLOP/img inference '
+                  '| GFLOP/img training (fwd+bwd) |', '|---|---:|---:|---|---:|---:|---:|---:|']
+        for f in doc['flops']:
+            if f['native']:
+                lines.append(f"| {f['variant']} | {f['params'] / 1e6:.1f}M | {f['img_size']} | {f['rows']}x{f['cols']} "
+                             f"| {f['rows'] * f['cols']} | {f['batch']} | {f['fwd_flops_per_image'] / 1e9:,.2f} | "
+                             f"{f['train_flops_per_image'] / 1e9:,.2f} |")
+        lines.append('')
+    if doc['results']:
+        lines += ['## Throughput', '', 'Reduced rows (R) run a smaller grid of the same patches; "img/s native '
+                  '(est.)" = measured patches/s / native patches per image.', '',
+                  '| variant | step | mode | batch x grid (px) | ms/step (IQR) | img/s | img/s native (est.) | '
+                  'TFLOP/s | MFU | peak mem MB | load before->after |',
+                  '|---|---|---|---|---:|---:|---:|---:|---:|---:|---|']
+        for r in doc['results']:
+            mem = f"{r['peak_mem_mb']:,.0f}" + (f" ({r['mem_before_mb']:,.0f})" if dev == 'cpu' else '')
+            comp = f", compile+1st {r['compile_s']:.0f}s" if r.get('compile_s') else ''
+            if r.get('threads') != st['threads']:
+                comp += f", {r['threads']} threads"
+            lines.append(
+                f"| {r['variant']} | {r['kind']} | {r['mode']}{comp} | {r['batch']} x {r['rows']}x{r['cols']} "
+                f"({r['img_size']}){' R' if r['reduced'] else ''} | {r['median_s'] * 1e3:,.1f} "
+                f"({r['iqr_s'] * 1e3:,.1f}) | {r['images_per_s']:,.2f} | {r['images_per_s_native_est']:,.2f} | "
+                f"{r['achieved_flops'] / 1e12:.3f} | {r['mfu'] * 100:.1f}% | {mem} | "
+                f"{r['load_before']:.1f}->{r['load_after']:.1f} |")
+        lines.append('')
+    if doc['baselines']:
+        lines += ['## Naive baselines, same run', '', '| comparison | case | method | ms | items/s | ours faster by '
+                  '| load |', '|---|---|---|---:|---:|---:|---|']
+        for r in doc['baselines']:
+            ratio = f"{r['ours_speedup_vs_this']:.1f}x" if r['naive'] else '(ours)'
+            lines.append(f"| {r['group']} | {r['case']} | {r['method']} | {r['median_s'] * 1e3:,.1f} | "
+                         f"{r['items_per_s']:,.0f} {r['unit']} | {ratio} | {r['load_before']:.1f}->"
+                         f"{r['load_after']:.1f} |")
+        lines.append('')
+    p = doc.get('profile')
+    if p:
+        lines += [f"## Where a training step's time goes ({p['variant']}, batch {p['batch']}, mode {p['mode']}; "
+                  f"torch.profiler, {p['time_kind']}, total {p['total_ms']:.1f} ms, load {p['load_avg']:.1f})", '',
+                  '| bucket | forward ms | backward ms | share |', '|---|---:|---:|---:|']
+        for r in p['buckets']:
+            lines.append(f"| {r['bucket']} | {r['forward_ms']:.1f} | {r['backward_ms']:.1f} | "
+                         f"{r['share'] * 100:.1f}% |")
+        lines.append('')
+    if doc['skipped'] or doc['errors']:
+        lines += ['## Not measured', '']
+        lines += [f"- skipped {s['variant']} {s['kind']} {s['mode']}: {s['why']}" for s in doc['skipped']]
+        lines += [f"- error {e['variant']} {e['kind']} {e['mode']}: {e['error']}" for e in doc['errors']]
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        print('error: --device cuda but torch.cuda.is_available() is False', file=sys.stderr)
+        return 2
+    warnings.filterwarnings('ignore', message='CPCObjective got a batch of ONE image')
+    cfg = resolve(args)
+    Suite(args, cfg).run()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""cpc-train end to end on CPU: the tiny encoder on real Fashion-MNIST images, a handful of steps per run.
+
+No mocks. Interruptions are real signals sent to real subprocesses, DDP is two real gloo processes started by
+torchrun, checkpoints are read back with safetensors / ``torch.load(weights_only=True)``, and export goes
+through timm's own Hub loading code (offline, from a Hugging Face cache written in tmp_path).
+Most runs call ``train.main(argv)`` in this process (imports are the slow part of a subprocess).
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import cpc_models  # noqa: F401  (registers the architectures)
+from cpc_models import hub, train
+from cpc_models.augment import PatchAugmentConfig
+from cpc_models.data import find_images, load_fashion_mnist
+from cpc_models.objective import CPCObjective
+
+ARCH = 'cpcv2_resnet_tiny'
+# Small and fast, but the fmnist_tiny preset's real recipe otherwise (augmentation on, 4 directions, offsets 2, 3).
+FAST = ['--preset', 'fmnist_tiny', '--device', 'cpu', '--batch-size', '8', '--objective.context_hidden', '16',
+        '--warmup-steps', '5', '--progress', '0', '--num-workers', '0']
+AUG_OFF = ['--augment.color_drop', '0', '--augment.hflip', '0', '--augment.jitter', '0', '--augment.auto_augment', '0',
+           '--augment.elastic', '0', '--augment.color_jitter_prob', '0']
+STATE_FILES = ['config.json', 'encoder.safetensors', 'metrics.json', 'objective.safetensors', 'state.pt']
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # Same thread count as the subprocesses (OMP_NUM_THREADS=1), so in-process and subprocess runs are bit-comparable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(var, None)
+    return env
+
+
+def _log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _losses(out_dir):
+    """{step: loss}, the last logged value of each step."""
+    return {m['step']: m['loss'] for m in _log(out_dir)}
+
+
+def _ckpts(out_dir):
+    return sorted(p.name for p in (Path(out_dir) / 'checkpoints').iterdir())
+
+
+def _weights(ckpt):
+    return {**{f'encoder.{k}': v for k, v in load_file(Path(ckpt) / 'encoder.safetensors').items()},
+            **{f'objective.{k}': v for k, v in load_file(Path(ckpt) / 'objective.safetensors').items()}}
+
+
+def _assert_equal_weights(a, b, atol=0.0, skip=()):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa.keys() - set(skip):
+        torch.testing.assert_close(wa[k], wb[k], rtol=0 if atol == 0 else 1e-5, atol=atol, msg=k)
+
+
+def _run(argv, capsys=None):
+    rc = train.main(argv)
+    return (rc, *capsys.readouterr()) if capsys is not None else rc
+
+
+# ============ 1. learning on real images ============
+
+def test_learns_on_fashion_mnist(tmp_path):
+    out = tmp_path / 'run'
+    assert _run(FAST + ['--max-steps', '60', '--lr', '5e-3', '--log-every', '1', '--out-dir', str(out)]) == 0
+    log = _log(out)
+    assert [m['step'] for m in log] == list(range(1, 61))
+    directions, offsets = ('down', 'up', 'right', 'left'), (2, 3)
+    for m in log:
+        for key in ('loss', 'acc', 'lr', 'grad_norm', 'images_per_s', 'patches_per_s', 'memory_mb', 'skipped_images',
+                    'epoch', 'wall_time_s', *(f'acc/{d}/k{k}' for d in directions for k in offsets)):
+            assert key in m and math.isfinite(m[key]), key
+        assert m['images_per_s'] > 0 and m['patches_per_s'] == pytest.approx(36 * m['images_per_s'])
+        assert m['memory_mb'] > 0 and m['skipped_images'] == 0
+    # warmup (linear over 5 steps) then cosine decay
+    lrs = [m['lr'] for m in log]
+    assert lrs[:5] == pytest.approx([5e-3 * (i + 1) / 5 for i in range(5)])
+    assert max(lrs) == pytest.approx(5e-3) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    # InfoNCE over 8 images x 36 patches: chance is log(288) = 5.66; the loss must fall well below both
+    losses = [m['loss'] for m in log]
+    first, last = np.mean(losses[:5]), np.mean(losses[-10:])
+    assert first == pytest.approx(math.log(8 * 36), abs=0.15)
+    assert last < first - 0.25 and last < math.log(8 * 36) - 0.25, (first, last)
+    assert np.mean([m['acc'] for m in log[-10:]]) > 2 / (8 * 36)  # above chance too
+
+
+# ============ 2. exact resume ============
+
+RESUME = FAST + ['--max-steps', '16', '--save-every', '4', '--log-every', '1', '--keep-last', '10', '--lr', '5e-3']
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    """The uninterrupted run (augmentation on) that interrupted runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp('reference')
+    assert _run(RESUME + ['--out-dir', str(out)]) == 0
+    return out
+
+
+def _start(out, extra=()):
+    return subprocess.Popen([sys.executable, '-m', 'cpc_models.train', *RESUME, '--out-dir', str(out), *extra],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, cond, timeout=120):
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, f'run ended before the signal: {proc.communicate()}'
+        assert time.time() - t0 < timeout, 'timed out waiting for the run'
+        time.sleep(0.02)
+
+
+def _assert_same_run(out, reference):
+    log = _log(out)
+    assert [m['step'] for m in log] == list(range(1, 17))  # replayed steps are not logged twice
+    assert _losses(out) == _losses(reference)  # exact float equality, every step
+    assert [m['acc'] for m in log] == [m['acc'] for m in _log(reference)]
+    _assert_equal_weights(out / 'checkpoints' / 'step_00000016', reference / 'checkpoints' / 'step_00000016')
+    s1 = torch.load(out / 'checkpoints' / 'step_00000016' / 'state.pt', weights_only=True)
+    s2 = torch.load(reference / 'checkpoints' / 'step_00000016' / 'state.pt', weights_only=True)
+    for k, v in s1['optimizer']['state'].items():
+        for name in ('exp_avg', 'exp_avg_sq', 'step'):
+            assert torch.equal(v[name], s2['optimizer']['state'][k][name]), (k, name)
+    assert all(torch.equal(a, b) for a, b in zip(s1['rng_aug'], s2['rng_aug']))
+
+
+def test_resume_after_sigterm_is_exact(tmp_path, reference, capsys):
+    out = tmp_path / 'run'
+    proc = _start(out)
+    _wait_for(proc, lambda: (out / 'metrics.jsonl').is_file() and len(_log(out)) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    stopped = int(_ckpts(out)[-1].split('_')[1])
+    assert 3 <= stopped < 16, _ckpts(out)  # a checkpoint at the step where the signal landed
+    assert f'stopped by signal at step {stopped}' in stdout
+    rc, stdout, _ = _run(RESUME + ['--out-dir', str(out), '--resume', 'auto'], capsys)
+    assert rc == 0 and f'resumed from {out / "checkpoints" / f"step_{stopped:08d}"} at step {stopped}' in stdout
+    _assert_same_run(out, reference)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, reference, capsys):
+    out = tmp_path / 'run'
+    proc = _start(out)
+    _wait_for(proc, lambda: (out / 'checkpoints' / 'step_00000004').is_dir() and len(_log(out)) >= 6)
+    proc.kill()
+    proc.communicate(timeout=60)
+    last_ckpt = int(_ckpts(out)[-1].split('_')[1])
+    assert last_ckpt < max(_losses(out)) < 16  # steps after the checkpoint were logged, then lost
+    # a save torn by the kill leaves a temporary folder: never taken for a checkpoint, removed by the next run
+    torn = out / 'checkpoints' / '.tmp_step_00000099_12345'
+    torn.mkdir()
+    (torn / 'encoder.safetensors').write_bytes(b'partial')
+    assert train.latest_checkpoint(out).name == f'step_{last_ckpt:08d}'
+    rc, stdout, _ = _run(RESUME + ['--out-dir', str(out)], capsys)  # --resume auto is the default
+    assert rc == 0 and f'at step {last_ckpt}' in stdout
+    assert not torn.exists()
+    _assert_same_run(out, reference)
+
+
+# ============ 3. DDP: 2 gloo processes == 1 process on the same global batch ============
+
+DDP = FAST + AUG_OFF + ['--max-steps', '6', '--log-every', '1', '--save-every', '3', '--lr', '5e-3']
+
+
+def test_sampler_gives_each_rank_a_contiguous_slice():
+    one = iter(train.StepSampler(100, 8, 0, 1, seed=3))
+    ranks = [iter(train.StepSampler(100, 8, r, 2, seed=3)) for r in range(2)]
+    for _ in range(30):  # crosses epoch boundaries (12 steps per epoch)
+        full = next(one)
+        assert [next(r) for r in ranks] == [full[:4], full[4:]]
+    resumed = iter(train.StepSampler(100, 8, 0, 1, seed=3, start_step=13))
+    fresh = iter(train.StepSampler(100, 8, 0, 1, seed=3))
+    assert next(resumed) == [next(fresh) for _ in range(14)][-1]
+    with pytest.raises(ValueError, match='divisible'):
+        train.StepSampler(100, 9, 0, 2, seed=0)
+    with pytest.raises(ValueError, match='fewer than one batch'):
+        train.StepSampler(5, 8, 0, 1, seed=0)
+
+
+def test_ddp_two_processes_match_one(tmp_path, capsys):
+    single, ddp = tmp_path / 'single', tmp_path / 'ddp'
+    assert _run(DDP + ['--out-dir', str(single)]) == 0
+    res = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         '-m', 'cpc_models.train', *DDP, '--out-dir', str(ddp)],
+        env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert '2 process(es)' in res.stdout
+    a, b = _log(single), _log(ddp)
+    assert [m['step'] for m in b] == list(range(1, 7))
+    for ma, mb in zip(a, b):  # the logged loss is the global-batch loss (mean over ranks), not rank 0's
+        assert mb['loss'] == pytest.approx(ma['loss'], rel=1e-5, abs=1e-5)
+        assert mb['acc'] == pytest.approx(ma['acc'], abs=1e-6)
+        assert mb['grad_norm'] == pytest.approx(ma['grad_norm'], rel=1e-4)
+    # objective.target_proj.bias adds the same p . b to every candidate's logit, so InfoNCE's gradient for it is
+    # exactly zero and what it gets is rounding noise, which Adam scales up to lr-sized steps: its value depends
+    # on the summation order (1 vs 2 processes), not on the data. Every other tensor must match.
+    _assert_equal_weights(ddp / 'checkpoints' / 'step_00000006', single / 'checkpoints' / 'step_00000006', atol=1e-5,
+                          skip=['objective.target_proj.bias'])
+    state = torch.load(ddp / 'checkpoints' / 'step_00000006' / 'state.pt', weights_only=True)
+    assert len(state['rng_aug']) == 2  # one augmentation generator state per rank
+    # resuming with another world size is refused, with the reason
+    rc, _, err = _run(DDP + ['--out-dir', str(tmp_path / 'other'), '--max-steps', '9',
+                             '--resume', str(ddp / 'checkpoints' / 'step_00000003')], capsys)
+    assert rc == 1
+    assert 'written by 2 process(es); resume it with the same number (now 1)' in err
+
+
+# ============ 4. checkpoints ============
+
+@pytest.fixture(scope='module')
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('short') / 'run'
+    argv = FAST + ['--max-steps', '7', '--save-every', '2', '--keep-last', '2', '--log-every', '3',
+                   '--out-dir', str(out), '--objective.directions', '2']
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert train.main(argv) == 0
+    return out, argv, buf.getvalue()
+
+
+def test_checkpoints_atomic_complete_and_pruned(short_run):
+    out, argv, stdout = short_run
+    # steps 2, 4, 6 and the final 7 were saved; keep_last=2 leaves the newest two, and no temporary folder
+    assert _ckpts(out) == ['step_00000006', 'step_00000007']
+    for ckpt in (out / 'checkpoints').iterdir():
+        assert sorted(p.name for p in ckpt.iterdir()) == STATE_FILES
+    last = out / 'checkpoints' / 'step_00000007'
+    state = torch.load(last / 'state.pt', weights_only=True)
+    assert state['step'] == 7 and state['optimizer']['state'] and len(state['rng_aug']) == 1
+    assert state['wall_time_s'] > 0
+    enc = load_file(last / 'encoder.safetensors')
+    model = timm.create_model(ARCH, num_classes=0)
+    assert enc.keys() == model.state_dict().keys()
+    obj = load_file(last / 'objective.safetensors')
+    assert any(k.startswith('predictors.up.k3') for k in obj) and not any('right' in k for k in obj)
+    # config.json is the resolved config, as printed on stdout, and rebuilds the run
+    config = json.loads((last / 'config.json').read_text())
+    assert config == dataclasses.asdict(train.build_config(argv))
+    assert config['objective']['directions'] == 2 and config['objective']['target_dim'] == 64  # library default
+    assert config['augment']['jitter'] == 1 and config['augment']['hflip'] == 0.5  # preset, library default
+    printed = stdout.split('config: ', 1)[1]
+    assert json.loads(printed[:printed.index('\n}') + 2]) == config
+    metrics = json.loads((last / 'metrics.json').read_text())
+    assert metrics['step'] == 7 and 'loss' in metrics  # the last logged metrics (every 3 steps and the last)
+
+
+# ============ 5. non-finite loss ============
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / 'run'
+    rc, _, err = _run(FAST + ['--lr', '1e30', '--warmup-steps', '1', '--grad-clip', '0', '--max-steps', '20',
+                              '--save-every', '1', '--log-every', '1', '--out-dir', str(out)], capsys)
+    assert rc == 2
+    last = max(_losses(out))
+    assert f'at step {last}; stopping. Last good checkpoint: {out / "checkpoints" / f"step_{last:08d}"}' in err
+    assert last < 20 and all(math.isfinite(v) for v in _losses(out).values())
+
+
+# ============ 6. a folder of images, with unreadable files ============
+
+def test_image_folder_with_corrupt_files(tmp_path, capsys):
+    root = tmp_path / 'images'
+    images, _ = load_fashion_mnist('test')
+    rng = np.random.default_rng(0)
+    written = []
+    for i in range(40):  # real Fashion-MNIST images, as PNG and JPEG, some grey some RGB, of other sizes
+        sub = root / f'class{i % 3}' / ('deep' if i % 5 == 0 else '')
+        sub.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(images[i, 0].numpy()).resize((32 + i % 7, 30 + i % 5))
+        if i % 2:
+            written.append(sub / f'{i:03d}.jpg')
+            img.convert('RGB').save(written[-1], quality=90)
+        else:
+            written.append(sub / f'{i:03d}.PNG')
+            img.save(written[-1])
+    good = written[0].read_bytes()
+    (root / 'class1' / 'truncated.png').write_bytes(good[:len(good) // 2])
+    (root / 'class2' / 'garbage.jpg').write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    (root / 'class0' / 'empty.png').write_bytes(b'')
+    (root / 'notes.txt').write_text('not an image')
+    files = find_images(root)
+    assert len(files) == 43
+    corrupt = {i for i, f in enumerate(files) if f.stem in ('truncated', 'garbage', 'empty')}
+    steps = 8
+    sampler = iter(train.StepSampler(len(files), 8, 0, 1, seed=0))
+    expected = sum(len(corrupt & set(next(sampler))) for _ in range(steps))
+    assert expected > 0
+    out = tmp_path / 'run'
+    rc, stdout, _ = _run(FAST + ['--data', str(root), '--max-steps', str(steps), '--log-every', '1',
+                                 '--out-dir', str(out)], capsys)
+    assert rc == 0
+    log = _log(out)
+    assert [m['step'] for m in log] == list(range(1, steps + 1))
+    assert log[-1]['skipped_images'] == expected and all(math.isfinite(m['loss']) for m in log)
+    assert f'skipped {expected} unreadable images' in stdout
+    # a missing folder is a clear error, not a traceback
+    rc, _, err = _run(FAST + ['--data', str(tmp_path / 'nope'), '--out-dir', str(out)], capsys)
+    assert rc == 1 and 'no such folder' in err
+
+
+# ============ 7. command line and presets ============
+
+def test_cli_overrides():
+    cfg = train.build_config([
+        '--lr', '1e-3', '--batch-size', '12', '--max_steps', '5', '--objective.directions', '2',
+        '--augment.hflip', '0', '--augment.auto_augment', 'false', '--objective.offsets', '[1, 2]',
+        '--betas', '[0.8, 0.9]', '--model_args', '{"stem_chs": 16}', '--bf16', 'off',
+        '--set', 'objective.target_dim=32', 'augment.jitter=2', 'seed=7', 'model_args.drop_path_rate=0.1'])
+    assert isinstance(cfg, train.TrainConfig)
+    assert (cfg.lr, cfg.batch_size, cfg.max_steps, cfg.betas, cfg.bf16, cfg.seed) == (1e-3, 12, 5, [0.8, 0.9], False, 7)
+    assert isinstance(cfg.batch_size, int) and isinstance(cfg.lr, float)
+    assert cfg.objective['directions'] == 2 and cfg.objective['offsets'] == [1, 2] and cfg.objective['target_dim'] == 32
+    assert cfg.objective['context_hidden'] == 64  # the preset's value survives
+    assert cfg.augment['hflip'] == 0.0 and cfg.augment['auto_augment'] is False and cfg.augment['jitter'] == 2
+    assert cfg.model_args == {'stem_chs': 16, 'drop_path_rate': 0.1}
+    # a group as JSON updates the group
+    cfg = train.build_config(['--objective', '{"directions": 1}'])
+    assert cfg.objective['directions'] == 1 and cfg.objective['offsets'] == [2, 3]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--bogus', '1'], 'unrecognized arguments: --bogus'),
+    (['--objective.bogus', '1'], 'unrecognized arguments: --objective.bogus'),
+    (['--batch', '8'], 'unrecognized arguments: --batch'),  # no silent abbreviations
+    (['--set', 'objective.nope=1'], 'unknown option --objective.nope; the objective group has: context_blocks'),
+    (['--set', 'nope=1'], 'unknown option --nope'),
+    (['--set', 'optimizer.lr=1'], 'unknown option --optimizer.lr'),
+    (['--set', 'lr'], 'expects KEY=VALUE'),
+    (['--lr', 'fast'], "--lr 'fast'"),
+    (['--batch-size', '8.5'], 'expects an integer'),
+    (['--bf16', 'maybe'], 'expected true/false'),
+    (['--objective', '[1]'], 'expects a JSON object'),
+    (['--preset', 'imagenet_r18'], "invalid choice: 'imagenet_r18'"),
+])
+def test_cli_rejects_unknown_or_bad_values(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.build_config(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('preset', sorted(train.PRESETS))
+def test_presets_resolve_and_build(preset, tmp_path, capsys):
+    cfg = train.build_config(['--preset', preset])
+    assert isinstance(cfg, train.TrainConfig)
+    aug = PatchAugmentConfig(**cfg.augment)  # validates every augmentation value
+    with torch.device('meta'):  # the ImageNet encoders are large: shapes only
+        encoder = timm.create_model(cfg.model, num_classes=0, **cfg.model_args)
+        objective = CPCObjective(encoder.num_features, **cfg.objective)
+    img = cfg.image_size or timm.data.resolve_model_data_config(encoder)['input_size'][-1]
+    rows, cols = encoder.grid_size(img)
+    objective.check_latents(torch.empty(2, encoder.num_features, rows, cols, device='meta'))  # grid fits the offsets
+    assert len(objective.directions) == 4
+    if preset == 'fmnist_tiny':
+        assert cfg.data == 'fashion-mnist' and aug.color_drop == 0 and (rows, cols) == (6, 6)
+        return
+    assert cfg.data == '' and cfg.resize >= cfg.image_size
+    rc, _, err = _run(['--preset', preset, '--out-dir', str(tmp_path)], capsys)
+    assert rc == 1 and 'This preset needs --data' in err
+
+
+def test_cpc_train_help():
+    exe = Path(sys.executable).with_name('cpc-train')
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'cpc_models.train']
+    res = subprocess.run([*cmd, '--help'], env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for text in ('usage: cpc-train', '--preset', '--objective.directions', '--augment.hflip', '--set', 'torchrun'):
+        assert text in res.stdout
+
+
+# ============ 8. export to a published folder, loaded back through the Hub code path ============
+
+def test_export_checkpoint_loads_through_hub(short_run, tmp_path, monkeypatch):
+    out, _, _ = short_run
+    ckpt = out / 'checkpoints' / 'step_00000007'
+    pub = hub.export_checkpoint(ckpt, tmp_path / f'{ARCH}.test', tag='test')
+    assert sorted(p.name for p in pub.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    readme = (pub / 'README.md').read_text()
+    for text in ('cpc-train', '"batch_size": 8', '"context_hidden": 16', '| loss |', '| step | 7 |', 'fashion-mnist'):
+        assert text in readme, text
+    assert json.loads((pub / 'config.json').read_text())['architecture'] == ARCH
+
+    repo = 'cpc-models/cpcv2_resnet_tiny.test'
+    cache = tmp_path / 'hf'
+    hub.add_to_hf_cache(pub, repo, cache_dir=cache)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    expected = load_file(ckpt / 'encoder.safetensors')
+    for model in (
+            timm.create_model(ARCH, pretrained=True, cache_dir=cache,
+                              pretrained_cfg_overlay=dict(hf_hub_id=repo, file='')),
+            timm.create_model(f'hf-hub:{repo}', pretrained=True, cache_dir=cache)):
+        state = model.state_dict()
+        assert state.keys() == expected.keys()
+        for k, v in expected.items():
+            assert torch.equal(state[k], v), k
