@@ -123,6 +123,6 @@ def summarize(prof, dev: torch.device) -> Dict:
     total = sum(fwd) + sum(bwd)
     rows = [dict(bucket=name, forward_ms=f, backward_ms=b, total_ms=f + b, share=(f + b) / total if total else 0.0)
             for name, f, b in zip(BUCKETS, fwd, bwd)]
-    top = prof.key_averages().table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total', row_limit=15)
+    top = prof.key_averages().table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total', row_limit=15)
     return dict(time_kind='CUDA kernel self time' if cuda else 'CPU self time', total_ms=total, buckets=rows,
                 top_ops=top)

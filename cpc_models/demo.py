@@ -5,7 +5,8 @@
 Loads the published backbone ``cpcv2_resnet_tiny.fmnist`` (bundled in weights/, no network), extracts pooled
 features of a small labelled sample bundled with the package (1,000 Fashion-MNIST test images, 100 per class),
 and trains the same linear classifier with ``--shots`` labelled images per class on
-(1) CPC features, (2) raw pixels, (3) features of the same encoder with random weights.
+(1) the CPC latent grid (flattened), (2) its mean over the grid, (3) raw pixels, (4) the latent grid of the same
+encoder with random weights.
 Accuracy is measured on the sample's images outside the labelled ones, averaged over ``--repeats`` draws.
 """
 import argparse
@@ -77,10 +78,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'sample: {len(images)} Fashion-MNIST test images, {len(classes)} classes '
           f'({", ".join(classes)})')
 
+    cpc_pooled, cpc_grid = extract_features(cpc, images, keep_grid=True, progress=False)
     feats = {
-        'CPC v2 features': extract_features(cpc, images, progress=False)[0],
+        'CPC grid': cpc_grid.float().flatten(1),  # the 6x6 latent grid, as the paper's grid classifiers see it
+        'CPC pooled': cpc_pooled,  # mean over the grid: the paper's linear-evaluation feature
         'raw pixels': images.flatten(1).float() / 255,
-        'random-init encoder': extract_features(random, images, progress=False)[0],
+        'random-init grid': extract_features(random, images, keep_grid=True, progress=False)[1].float().flatten(1),
     }
     dims = {k: v.shape[1] for k, v in feats.items()}
     print(f'\nfew-shot accuracy on the held-out images (mean ± std over {args.repeats} draws of the labelled set):')

@@ -256,6 +256,8 @@ def _readme(model, name: str, repo_id: str, card: Dict[str, Any]) -> str:
                      + '\n```\n')
     if train:
         text += '\n## Training\n\n' + '\n'.join(train)
+    if card.get('evaluation'):
+        text += '\n## Evaluation\n\n' + card['evaluation'].strip() + '\n'
     return text
 
 

@@ -386,6 +386,12 @@ def train(cfg: TrainConfig) -> Dict:
         wall_before = float(state.get('wall_time_s', 0.0))
         if main_process:
             print(f'resumed from {resume_from} at step {step}')
+            saved = json.loads((resume_from / 'config.json').read_text())
+            changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+                       if k not in ('resume', 'progress') and saved.get(k) != v}
+            if changed:  # e.g. a longer --max-steps is fine; a different model or lr changes the run
+                print('warning: the resumed run differs from the checkpoint\'s config in '
+                      + ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items()), file=sys.stderr)
             _trim_log(out_dir / 'metrics.jsonl', step)
 
     sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, start_step=step)

@@ -191,3 +191,8 @@ def test_test_split_is_separate_and_limited(fmnist_dir):
     assert run['split'] == 'test' and run['n_eval'] == 300 and res['n_val'] == 200 and res['n_pool'] == 500
     assert 0.3 < run['accuracy'] <= 1
     assert run['config']['wd'] in cfg.linear_wds
+
+
+def test_unknown_published_tag_says_what_to_do():
+    with pytest.raises(RuntimeError, match='safetensors file'):
+        load_encoder('cpcv2_resnet_tiny.no_such_tag')

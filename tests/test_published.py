@@ -1,0 +1,67 @@
+"""The published checkpoint in weights/: it loads through timm (bundled file and Hub path) and reproduces its golden
+features; the main job (the demo) runs on it and the CPC features beat a random encoder's."""
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import cpc_models  # noqa: F401
+from cpc_models import hub
+from cpc_models.demo import few_shot_accuracy, load_sample, main as demo_main
+from cpc_models.encoder import WEIGHTS_DIR
+from cpc_models.evaluate import extract_features
+
+NAME = 'cpcv2_resnet_tiny.fmnist'
+FOLDER = WEIGHTS_DIR / NAME
+GOLDEN = Path(__file__).parent / 'data' / f'{NAME}.golden.safetensors'
+
+
+def test_published_folder_is_complete():
+    assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in FOLDER.iterdir()}
+    card = (FOLDER / 'README.md').read_text()
+    for section in ('## Training', '## Evaluation', 'cpc-train', 'Wall time'):
+        assert section in card
+    assert NAME in timm.list_pretrained('cpcv2_resnet_tiny*')
+
+
+def test_loads_bundled_weights_and_matches_golden():
+    model = timm.create_model(NAME, pretrained=True).eval()
+    assert Path(model.pretrained_cfg['file']) == FOLDER / 'model.safetensors'
+    golden = load_file(GOLDEN)
+    with torch.no_grad():
+        grid = model.forward_features(golden['input'])
+        pooled = model.forward_head(grid, pre_logits=True)
+    torch.testing.assert_close(grid, golden['grid'], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pooled, golden['pooled'], rtol=1e-4, atol=1e-4)
+
+
+def test_same_weights_through_the_hub_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    cache = tmp_path / 'hub'
+    hub.add_to_hf_cache(FOLDER, f'cpc-models/{NAME}', cache_dir=cache)
+    via_hub = timm.create_model(NAME, pretrained=True, cache_dir=cache, pretrained_cfg_overlay=dict(file=''))
+    via_hf_name = timm.create_model(f'hf-hub:cpc-models/{NAME}', pretrained=True, cache_dir=cache)
+    expected = load_file(FOLDER / 'model.safetensors')
+    for model in (via_hub, via_hf_name):
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+
+
+def test_cpc_grid_beats_random_encoder_few_shot():
+    images, labels, _ = load_sample()
+    cpc = timm.create_model(NAME, pretrained=True).eval()
+    rnd = timm.create_model('cpcv2_resnet_tiny', pretrained=False, num_classes=0).eval()
+    cpc_grid = extract_features(cpc, images, keep_grid=True, progress=False)[1].float().flatten(1)
+    rnd_grid = extract_features(rnd, images, keep_grid=True, progress=False)[1].float().flatten(1)
+    cpc_acc = sum(few_shot_accuracy(cpc_grid, labels, shots=10, repeats=2)) / 2
+    rnd_acc = sum(few_shot_accuracy(rnd_grid, labels, shots=10, repeats=2)) / 2
+    assert cpc_acc > rnd_acc + 0.03, (cpc_acc, rnd_acc)
+
+
+def test_demo_runs(capsys):
+    assert demo_main(['--shots', '2', '--repeats', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'CPC grid' in out and 'raw pixels' in out and '%' in out
