@@ -443,7 +443,8 @@ default_cfgs = generate_default_cfgs({
     'cpcv2_resnet50': _cfg(),
     'cpcv1_resnet101': _cfg(input_size=(3, 256, 256), pool_size=(7, 7), crop_pct=0.875),
     'cpcv2_resnet_small': _cfg(input_size=(3, 64, 64), pool_size=(7, 7), crop_pct=1.0),
-    'cpcv2_resnet_tiny': _cfg(**_FMNIST),
+    # Pretrained with `cpc-train --preset fmnist_tiny --max-steps 800` on Fashion-MNIST train (weights/ model card).
+    'cpcv2_resnet_tiny.fmnist': _published('cpcv2_resnet_tiny.fmnist', **_FMNIST),
 })
 
 

@@ -114,7 +114,8 @@ def test_cli_errors(images, tmp_path, capsys):
     assert extract.main(['--model', 'cpcv2_resnet_tyni', str(images), '--out', str(tmp_path / 'o')]) == 1
     err = capsys.readouterr().err
     assert 'Unknown model "cpcv2_resnet_tyni"' in err and 'Did you mean: cpcv2_resnet_tiny' in err
-    assert extract.main(['--model', ARCH, str(images), '--out', str(tmp_path / 'o')]) == 1  # no published weights
+    no_weights = 'cpcv2_resnet_small'
+    assert extract.main(['--model', no_weights, str(images), '--out', str(tmp_path / 'o')]) == 1
     assert 'No pretrained weights are published' in capsys.readouterr().err
     assert extract.main(['--model', ARCH, '--no-pretrained', str(tmp_path / 'missing'), '--out', 'o']) == 1
     assert 'No such image file or folder' in capsys.readouterr().err

@@ -157,8 +157,8 @@ def test_export_failure_leaves_nothing(tmp_path):
 
 
 def test_error_no_published_weights():
-    with pytest.raises(RuntimeError, match='No pretrained weights are published for "cpcv2_resnet_tiny"'):
-        timm.create_model(ARCH, pretrained=True)
+    with pytest.raises(RuntimeError, match='No pretrained weights are published for "cpcv2_resnet_small"'):
+        timm.create_model('cpcv2_resnet_small', pretrained=True)
 
 
 def test_error_shape_mismatch_names_key(published):
