@@ -605,7 +605,9 @@ def format_table(summary: Dict, arms: Sequence[str]) -> str:
         cells = []
         for f in fracs:
             m = summary[a].get(f)
-            cells.append('' if m is None else f'{100 * m[0]:.2f} ± {100 * m[1]:.2f}')
+            n_max = max(v[2] for d in summary.values() for v in d.values())
+            partial = '' if m is None or m[2] == n_max else f' (n={m[2]})'  # fewer seeds than the other cells
+            cells.append('' if m is None else f'{100 * m[0]:.2f} ± {100 * m[1]:.2f}{partial}')
         lines.append(f'| {ARM_LABELS[a]} (`{a}`) | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -654,7 +656,8 @@ def write_report(out: Path, payload: Dict) -> str:
     md += [f"| {t['target']} | {t['status']} | {t['detail']} |" for t in targets]
     md += ['', (f"Labelled pool: {payload.get('n_pool')} images (train minus {payload['config']['val_size']} "
                 f"val); evaluated on {payload.get('n_eval')} {split} images."),
-           (f"Wall time of the whole command: {wall if wall is None else f'{wall / 60:.1f} min'} "
+           (f"Wall time of the {'longest of the parallel parts' if 'part0' in payload.get('timings', {}) else 'whole command'}"
+            f": {wall if wall is None else f'{wall / 60:.1f} min'} "
             f"({payload.get('threads')} threads, {payload.get('host', '')})."),
            f"Cost (s, wall / CPU): {json.dumps(payload.get('timings', {}))}",
            '', f"Command: `{payload.get('command', '')}`", '']
@@ -804,12 +807,59 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--no-progress', action='store_true')
     r = sub.add_parser('plot', help='table.md and figure1.png again from OUT/results.json')
     r.add_argument('out', type=Path)
+    m = sub.add_parser('merge', help='merge figure1 outputs run in parallel (e.g. one process per arm) into OUT')
+    m.add_argument('out', type=Path)
+    m.add_argument('parts', type=Path, nargs='+', help='figure1 output folders, each with results.json')
     return p
+
+
+# Settings that may differ between parts of one table: which arms a part ran, its threads and progress bar.
+_MERGE_FREE = ('arms', 'threads', 'progress')
+
+
+def merge_results(parts: Sequence[Dict]) -> Dict:
+    """One payload from figure1 payloads of the same evaluation split across processes (disjoint arms).
+
+    Raises ValueError if the parts differ in anything but their arms and threads, or repeat an (arm, fraction, seed).
+    """
+    base = parts[0]
+    same = {k: v for k, v in base['config'].items() if k not in _MERGE_FREE}
+    runs, seen, arms = [], set(), []
+    for part in parts:
+        other = {k: v for k, v in part['config'].items() if k not in _MERGE_FREE}
+        if other != same:
+            diff = sorted(k for k in set(same) | set(other) if same.get(k) != other.get(k))
+            raise ValueError(f'cannot merge evaluations with different settings: {diff}')
+        for r in part['runs']:
+            key = (r['arm'], r['fraction'], r['seed'])
+            if key in seen:
+                raise ValueError(f'run {key} appears in more than one part')
+            seen.add(key)
+            runs.append(r)
+        ran = {r['arm'] for r in part['runs']}
+        arms += [a for a in part['config']['arms'] if a in ran and a not in arms]
+    timings = {}
+    for i, part in enumerate(parts):
+        timings[f'part{i}'] = dict(arms=sorted({r['arm'] for r in part['runs']}), wall_s=part.get('wall_s'),
+                                   threads=part.get('threads'), **part.get('timings', {}))
+    return dict(base, config=dict(base['config'], arms=arms), runs=runs, timings=timings,
+                wall_s=max(p.get('wall_s') or 0 for p in parts), threads=sum(p.get('threads') or 0 for p in parts),
+                command=' ; '.join(p.get('command', '') for p in parts))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command == 'merge':
+        try:
+            payload = merge_results([json.loads((part / 'results.json').read_text()) for part in args.parts])
+        except ValueError as e:
+            print(f'cpc-eval: error: {e}', file=sys.stderr)
+            return 2
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(write_report(args.out, payload))
+        (args.out / 'results.json').write_text(json.dumps(payload, indent=1, default=_json_default))
+        return 0
     if args.command == 'plot':
         payload = json.loads((args.out / 'results.json').read_text())
         print(write_report(args.out, payload))

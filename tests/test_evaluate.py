@@ -196,3 +196,20 @@ def test_test_split_is_separate_and_limited(fmnist_dir):
 def test_unknown_published_tag_says_what_to_do():
     with pytest.raises(RuntimeError, match='safetensors file'):
         load_encoder('cpcv2_resnet_tiny.no_such_tag')
+
+
+def test_merge_results_of_parallel_parts():
+    from cpc_models.evaluate import merge_results
+    cfg = dict(arms=['cpc_linear'], threads=2, progress=False, split='test', seeds=[0], model='cpcv2_resnet_tiny')
+    run = dict(arm='cpc_linear', fraction=0.01, seed=0, accuracy=0.5, n_labels=10, wall_s=1.0, cpu_s=1.0)
+    a = dict(config=cfg, runs=[run], wall_s=10.0, threads=2, timings={}, command='a')
+    b = dict(config=dict(cfg, arms=['scratch'], threads=1), runs=[dict(run, arm='scratch', accuracy=0.4)],
+             wall_s=20.0, threads=1, timings={}, command='b')
+    merged = merge_results([a, b])
+    assert merged['config']['arms'] == ['cpc_linear', 'scratch']
+    assert [r['arm'] for r in merged['runs']] == ['cpc_linear', 'scratch']
+    assert merged['wall_s'] == 20.0 and set(merged['timings']) == {'part0', 'part1'}
+    with pytest.raises(ValueError, match='more than one part'):
+        merge_results([a, a])
+    with pytest.raises(ValueError, match="different settings: \\['split'\\]"):
+        merge_results([a, dict(b, config=dict(b['config'], split='val'))])
