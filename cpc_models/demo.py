@@ -94,7 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cells = []
         for name, f in feats.items():
             accs = torch.tensor(few_shot_accuracy(f, labels, shots, args.repeats))
-            cells.append(f'{100 * accs.mean():6.1f}% ± {100 * accs.std():4.1f}'.center(len(f'{name} ({dims[name]}-d)')))
+            std = accs.std() if len(accs) > 1 else torch.tensor(0.0)
+            cells.append(f'{100 * accs.mean():6.1f}% ± {100 * std:4.1f}'.center(len(f'{name} ({dims[name]}-d)')))
         print(f'{shots:>18} | ' + ' | '.join(cells))
     print(f'\ndone in {time.perf_counter() - t0:.1f} s')
     return 0
