@@ -6,7 +6,7 @@ torchvision's RandomHorizontalFlip, timm's RandAugment 'rand-n2-m9-inc1', torchv
 with p=0.8 and RandomGrayscale p=0.25), then converted back and stacked. The baseline has no elastic deformation
 or jitter, so it does less work than PatchAugment's default config.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/augment_throughput.py [--threads 1] [--min-run-time 3]
+Usage (from the repository root): OMP_NUM_THREADS=1 python -m benchmarks.augment_throughput [--threads 1] [--min-run-time 3]
 Writes benchmarks/results/augment_cpu.json and .md.
 """
 import argparse
@@ -24,6 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from timm.data.auto_augment import rand_augment_transform
 from torch.utils import benchmark
 
+from benchmarks.common import cpu_model
 from cpc_models.augment import PatchAugment, PatchAugmentConfig
 
 CASES = [
@@ -31,16 +32,6 @@ CASES = [
     ('Fashion-MNIST-like: 64 img x 36 patches, 1x8x8', 64, 36, 1, 8, PatchAugmentConfig(jitter=1)),
     ('ImageNet CPC v2: 16 img x 36 patches, 3x80x80, all paper ops', 16, 36, 3, 80, PatchAugmentConfig()),
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 def pil_baseline(channels: int):

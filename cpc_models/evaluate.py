@@ -363,27 +363,36 @@ def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
                 return
 
 
-def train_on_grid(classifier: GridClassifier, grids: torch.Tensor, labels: torch.Tensor, cfg: EvalConfig,
-                  seed: int, desc: str = 'frozen') -> Dict:
-    """(b) frozen: train the classifier on pre-extracted latent grids (float16 (N, F, rows, cols))."""
-    steps = _num_steps(len(grids), cfg.frozen_batch, cfg.frozen_epochs, cfg.frozen_max_steps)
-    opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.frozen_lr, weight_decay=cfg.frozen_wd)
+def _train_steps(module: nn.Module, opt: torch.optim.Optimizer, steps: int, batches, loss_fn, cfg: EvalConfig,
+                 desc: str, lr_flag: str) -> Dict:
+    """`steps` AdamW steps of ``loss_fn(index batch)`` with warm-up + cosine; stops on a non-finite loss."""
     sched = _schedule(opt, steps, cfg.warmup_frac)
-    gen = torch.Generator().manual_seed(seed)
-    classifier.train()
+    module.train()
     losses = []
-    bar = tqdm(_batches(len(grids), cfg.frozen_batch, steps, gen), total=steps, desc=desc, leave=False,
-               disable=not cfg.progress)
+    bar = tqdm(batches, total=steps, desc=desc, leave=False, disable=not cfg.progress)
     for idx in bar:
-        loss = F.cross_entropy(classifier(grids[idx].float()), labels[idx])
+        loss = loss_fn(idx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f'{desc}: non-finite loss at step {len(losses)}; lower {lr_flag}.')
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f'{losses[-1]:.3f}', refresh=False)
-    classifier.eval()
+    module.eval()
     return dict(steps=steps, final_loss=float(np.mean(losses[-10:])))
+
+
+def train_on_grid(classifier: GridClassifier, grids: torch.Tensor, labels: torch.Tensor, cfg: EvalConfig,
+                  seed: int, desc: str = 'frozen') -> Dict:
+    """(b) frozen: train the classifier on pre-extracted latent grids (float16 (N, F, rows, cols))."""
+    steps = _num_steps(len(grids), cfg.frozen_batch, cfg.frozen_epochs, cfg.frozen_max_steps)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.frozen_lr, weight_decay=cfg.frozen_wd)
+    batches = _batches(len(grids), cfg.frozen_batch, steps, torch.Generator().manual_seed(seed))
+    return _train_steps(classifier, opt, steps, batches,
+                        lambda idx: F.cross_entropy(classifier(grids[idx].float()), labels[idx]),
+                        cfg, desc, '--frozen-lr')
 
 
 def _augment(cfg: EvalConfig, size: Tuple[int, int]):
@@ -401,27 +410,16 @@ def train_end_to_end(model: EncoderClassifier, images: torch.Tensor, labels: tor
     else:
         model.encoder.requires_grad_(False)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.e2e_wd)
-    sched = _schedule(opt, steps, cfg.warmup_frac)
-    gen = torch.Generator().manual_seed(seed)
+    batches = _batches(len(images), cfg.e2e_batch, steps, torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)  # the augmentation draws from the global generator
     aug = _augment(cfg, tuple(images.shape[-2:]))
-    model.train().to(memory_format=torch.channels_last)
-    losses = []
-    bar = tqdm(_batches(len(images), cfg.e2e_batch, steps, gen), total=steps, desc=desc, leave=False,
-               disable=not cfg.progress)
-    for idx in bar:
+    model.to(memory_format=torch.channels_last)
+
+    def loss_fn(idx):
         x = torch.stack([aug(img) for img in images[idx]])  # per-image crop offsets and flips
-        loss = F.cross_entropy(model(_normalize(x, mean, std)), labels[idx])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f'{desc}: non-finite loss at step {len(losses)}; lower --e2e-lr.')
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f'{losses[-1]:.3f}', refresh=False)
-    model.eval()
-    return dict(steps=steps, final_loss=float(np.mean(losses[-10:])))
+        return F.cross_entropy(model(_normalize(x, mean, std)), labels[idx])
+
+    return _train_steps(model, opt, steps, batches, loss_fn, cfg, desc, '--e2e-lr')
 
 
 @torch.no_grad()
