@@ -28,15 +28,14 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, create_conv2d, get_norm_act_layer
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
+from ._weights import pretrained_errors
 from .patches import check_images, grid_size, patchify
 
 __all__ = ['CPCResNetV2', 'PreActBottleneck', 'WEIGHTS_DIR']
@@ -372,42 +371,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CPCResNetV2
 
 
 def _create_cpc_resnetv2(variant: str, pretrained: bool = False, **kwargs) -> CPCResNetV2:
-    if pretrained:
-        cfg = resolve_pretrained_cfg(
-            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-        if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
-            raise RuntimeError(
-                f'No pretrained weights are published for "{variant}" yet (tags with weights: '
-                f'{_published_tags(variant) or "none"}). Train them with `cpc-train --model {variant} ...` and '
-                f'load the result with timm.create_model("{variant}", pretrained=True, '
-                f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors")), or create the model with '
-                f'pretrained=False.')
-        from .hub import check_pretrained_source
-        check_pretrained_source(cfg)  # a missing or corrupt local file is named before timm reads it
-    feature_cfg = dict(feature_cls='getter')
     if kwargs.get('features_only'):
         kwargs.setdefault('dense', True)  # multi-scale maps for detection: the whole image through the trunk
         kwargs.setdefault('out_indices', tuple(range(len(kwargs['layers']) + 1)))
-    try:
+    with pretrained_errors(variant, pretrained, kwargs):
         return build_model_with_cfg(
             CPCResNetV2, variant, pretrained,
-            feature_cfg=feature_cfg,
+            feature_cfg=dict(feature_cls='getter'),
             pretrained_filter_fn=checkpoint_filter_fn,
             **kwargs,
         )
-    except Exception as e:
-        if not pretrained:
-            raise
-        from .hub import explain_load_error  # Hub download failed / corrupt cached file: say what to do
-        err = explain_load_error(variant, cfg, e, kwargs.get('cache_dir'))
-        if err is None:
-            raise
-        raise err from e
-
-
-def _published_tags(variant: str) -> List[str]:
-    return [n.split('.', 1)[1] for n in timm.list_pretrained(f'{variant}.*')]
 
 
 def _cfg(**kwargs) -> Dict:

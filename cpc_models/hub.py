@@ -14,7 +14,8 @@ API:
   folder), :func:`push_to_hub` (folder -> Hub repo).
 * :func:`add_to_hf_cache` writes a folder into a Hugging Face cache, so that ``pretrained=True`` and ``hf-hub:`` work
   on a machine without internet (``HF_HUB_OFFLINE=1``).
-* :func:`check_weights_file` / :func:`load_weights`: safe loading with errors that name the file and say what to do.
+* :func:`check_weights_file` / :func:`load_weights` (from ``cpc_models._weights``): safe loading with errors that
+  name the file and say what to do.
 
 CLI: ``python -m cpc_models.hub export --checkpoint DIR --out DIR [--tag T] [--push ORG/NAME]``,
 ``python -m cpc_models.hub push FOLDER ORG/NAME`` and
@@ -27,13 +28,20 @@ import os
 import shlex
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import safetensors
-import safetensors.torch
+import timm
 import torch
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.file_download import repo_folder_name
+from timm.models import save_for_hf
+from timm.models._hub import generate_readme
+
+from . import encoder  # noqa: F401  (registers the architectures)
+from ._weights import WEIGHTS_NAME, CorruptWeightsError, check_weights_file, load_weights
+from .atomic import atomic_dir, atomic_file, write_text
+from .checkpoint import read_config, resolve_checkpoint
 
 __all__ = [
     'export_pretrained', 'export_checkpoint', 'push_to_hub', 'add_to_hf_cache', 'check_weights_file',
@@ -41,7 +49,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-WEIGHTS_NAME = 'model.safetensors'
 CITATION = """@inproceedings{henaff2020data,
   title={Data-Efficient Image Recognition with Contrastive Predictive Coding},
   author={H{\\'e}naff, Olivier J. and Srinivas, Aravind and De Fauw, Jeffrey and Razavi, Ali and Doersch, Carl and
@@ -53,144 +60,9 @@ DEFAULT_TAGS = ('image-feature-extraction', 'timm', 'cpc', 'self-supervised', 'c
 _WALL_TIME_KEYS = ('wall_time_s', 'wall_time', 'train_time_s', 'elapsed_s')
 
 
-class CorruptWeightsError(RuntimeError):
-    """A weights file exists but cannot be read (truncated download, interrupted copy, not a safetensors file)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading with clear errors
-# ----------------------------------------------------------------------------------------------------------------
-
-def check_weights_file(path: PathLike) -> Path:
-    """Check that a weights file (or a published folder holding ``model.safetensors``) exists and can be read.
-
-    Safetensors files are validated from their header (cheap: no tensor is read), which catches truncated and
-    corrupt files. Returns the weights file.
-
-    Raises:
-        FileNotFoundError: the file (or the folder's ``model.safetensors``) does not exist.
-        CorruptWeightsError: the safetensors file is truncated or corrupt.
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        folder, path = path, path / WEIGHTS_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f'No {WEIGHTS_NAME} in the folder {folder}. A published folder holds model.safetensors, config.json '
-                f'and README.md: create it with `python -m cpc_models.hub export --checkpoint CKPT --out {folder}`.')
-    if not path.is_file():
-        raise FileNotFoundError(
-            f'Weights file not found: {path}. Check the path; a cpc-train checkpoint keeps the encoder in '
-            f'<out_dir>/checkpoints/step_*/encoder.safetensors, a published folder in model.safetensors.')
-    if path.suffix == '.safetensors':
-        try:
-            with safetensors.safe_open(str(path), framework='pt') as f:
-                f.keys()
-        except (safetensors.SafetensorError, OSError, ValueError) as e:
-            raise CorruptWeightsError(_corrupt_message(path, e)) from e
-    return path
-
-
-def _corrupt_message(path: PathLike, err: Exception) -> str:
-    size = Path(path).stat().st_size if Path(path).exists() else 0
-    return (f'Weights file {path} ({size} bytes) is truncated or corrupt ({err}). Delete it and copy or download it '
-            f'again (for a Hub download: remove it from the Hugging Face cache and load with network access), or '
-            f're-export it with `python -m cpc_models.hub export`.')
-
-
-def load_weights(path: PathLike, device: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
-    """Read a state dict from a ``.safetensors`` file (or a published folder); other files only with
-    ``torch.load(weights_only=True)``. Nothing is ever unpickled.
-
-    Raises:
-        FileNotFoundError, CorruptWeightsError: with the file named and what to do.
-    """
-    path = check_weights_file(path)
-    if path.suffix == '.safetensors':
-        try:
-            return safetensors.torch.load_file(str(path), device=str(device))
-        except (safetensors.SafetensorError, OSError) as e:
-            raise CorruptWeightsError(_corrupt_message(path, e)) from e
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError ...
-        raise CorruptWeightsError(
-            f'Could not read {path} with torch.load(weights_only=True) ({type(e).__name__}: {e}). Only plain tensor '
-            f'checkpoints are accepted; convert it to safetensors (safetensors.torch.save_file(state_dict, ...)).'
-        ) from e
-
-
-def check_pretrained_source(cfg) -> None:
-    """Before timm loads pretrained weights from a local ``file`` (overlay, weights/ copy or ``local-dir:``), check
-    that the file exists and is readable, so the error names it (timm raises a bare FileNotFoundError, safetensors a
-    header error without a path). Hub sources are checked after download by :func:`explain_load_error`."""
-    if getattr(cfg, 'state_dict', None) is not None or getattr(cfg, 'source', '') == 'hf-hub':
-        return
-    if getattr(cfg, 'file', None):
-        check_weights_file(cfg.file)
-
-
-def explain_load_error(variant: str, cfg, err: Exception, cache_dir: Optional[PathLike] = None) -> Optional[Exception]:
-    """Turn an error raised while timm loads pretrained weights into one that says what to do (None: keep ``err``)."""
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-    from timm.models._hub import hf_split
-
-    hub_id = getattr(cfg, 'hf_hub_id', None)
-    from_hub = bool(hub_id) and (getattr(cfg, 'source', '') == 'hf-hub' or not getattr(cfg, 'file', None))
-    if isinstance(err, safetensors.SafetensorError):
-        where = getattr(cfg, 'file', None) or '?'
-        if from_hub:
-            repo, rev = hf_split(hub_id)
-            cached = try_to_load_from_cache(repo, WEIGHTS_NAME, cache_dir=cache_dir, revision=rev)
-            where = cached if isinstance(cached, str) else f'{WEIGHTS_NAME} of the Hub repo {hub_id}'
-        elif Path(where).is_dir():
-            where = str(Path(where) / WEIGHTS_NAME)
-        return CorruptWeightsError(_corrupt_message(where, err))
-    if from_hub and isinstance(err, RepositoryNotFoundError):
-        return RuntimeError(
-            f'The Hugging Face Hub repo "{hub_id}" of "{variant}" does not exist (or is private: log in with '
-            f'`hf auth login`). Load a local copy with pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
-    if from_hub and isinstance(err, (LocalEntryNotFoundError, FileNotFoundError, ConnectionError)):
-        return RuntimeError(
-            f'Could not get the weights of "{variant}" from the Hugging Face Hub repo "{hub_id}": the machine is '
-            f'offline (or HF_HUB_OFFLINE=1) and they are not in the cache ({cache_dir or "HF_HUB_CACHE"}). Either '
-            f'connect once to download them, or copy the published folder onto this machine and add it to the cache '
-            f'with `python -m cpc_models.hub cache FOLDER {hf_split(hub_id)[0]}` (cpc_models.hub.add_to_hf_cache), or '
-            f'load the file directly with pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"). '
-            f'({type(err).__name__}: {err})')
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Exporting
 # ----------------------------------------------------------------------------------------------------------------
-
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    """Context helper: yields a temporary sibling folder that replaces ``out_dir`` only when the block succeeds."""
-    class _Ctx:
-        def __enter__(self):
-            if out_dir.exists() and not overwrite:
-                raise FileExistsError(f'{out_dir} already exists; choose another --out or pass overwrite=True.')
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = out_dir.parent / f'.{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}'
-            self.tmp.mkdir()
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            old = None
-            if out_dir.exists():
-                old = out_dir.parent / f'.{out_dir.name}.old-{uuid.uuid4().hex[:8]}'
-                os.replace(out_dir, old)
-            os.replace(self.tmp, out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            return False
-    return _Ctx()
-
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(round(float(seconds)))
@@ -199,8 +71,6 @@ def _fmt_duration(seconds: float) -> str:
 
 def _readme(model, name: str, repo_id: str, card: Dict[str, Any]) -> str:
     """Model card: timm's ``generate_readme`` (front matter, description, details, usage, citation) + training."""
-    from timm.models._hub import generate_readme
-
     cfg = model.pretrained_cfg
     arch = cfg.get('architecture', name)
     n_params = sum(p.numel() for p in model.parameters())
@@ -287,8 +157,6 @@ def export_pretrained(
     Returns:
         ``out_dir`` as a Path.
     """
-    from timm.models import save_for_hf
-
     out_dir = Path(out_dir).expanduser()
     if not hasattr(model, 'pretrained_cfg'):
         raise TypeError(f'Expected a model made by timm.create_model (with a pretrained_cfg), got '
@@ -297,23 +165,13 @@ def export_pretrained(
     name = f'{arch}.{tag}' if tag else arch
     repo_id = push_to or f'cpc-models/{name}'
     model_config = {'pretrained_cfg': {'tag': tag}} if tag else None
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         save_for_hf(model, tmp, model_config=model_config, safe_serialization=True)
         (tmp / 'README.md').write_text(_readme(model, name, repo_id, model_card or {}), encoding='utf-8')
         check_weights_file(tmp / WEIGHTS_NAME)
     if push_to:
         push_to_hub(out_dir, push_to, token=token)
     return out_dir
-
-
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding='utf-8'))
-    except FileNotFoundError:
-        raise FileNotFoundError(f'{path} not found: a cpc-train checkpoint folder holds encoder.safetensors and '
-                                f'config.json (e.g. <out_dir>/checkpoints/step_000123/).') from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON ({e}); the checkpoint is incomplete or was edited.') from e
 
 
 def _train_command(config: Dict[str, Any]) -> str:
@@ -336,21 +194,15 @@ def export_checkpoint(ckpt_dir: PathLike, out_dir: PathLike, **kwargs) -> Path:
     (strict load through ``checkpoint_filter_fn``), and the training command/config/metrics/wall time go into the card.
 
     Args:
-        ckpt_dir: the checkpoint folder.
+        ckpt_dir: the checkpoint folder (or a run folder: its newest checkpoint).
         out_dir: the published folder to write.
         **kwargs: ``tag``, ``model_card`` (merged over the generated fields), ``push_to``, ``token``, ``overwrite``.
     """
-    import timm
-
-    from . import encoder  # noqa: F401  (registers the architectures)
-
-    ckpt_dir = Path(ckpt_dir).expanduser()
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f'Checkpoint folder not found: {ckpt_dir}.')
-    config = _read_json(ckpt_dir / 'config.json')
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    config = read_config(ckpt_dir)
     if not config.get('model'):
         raise ValueError(f'{ckpt_dir / "config.json"} has no "model" (timm architecture name).')
-    metrics = _read_json(ckpt_dir / 'metrics.json') if (ckpt_dir / 'metrics.json').is_file() else {}
+    metrics = json.loads((ckpt_dir / 'metrics.json').read_text()) if (ckpt_dir / 'metrics.json').is_file() else {}
     weights = check_weights_file(ckpt_dir / 'encoder.safetensors')
     model = timm.create_model(
         config['model'], pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
@@ -383,8 +235,6 @@ def push_to_hub(folder: PathLike, repo_id: str, token: Optional[str] = None, pri
     Raises:
         RuntimeError: no token (log in with ``hf auth login`` or set ``HF_TOKEN``), or the Hub cannot be reached.
     """
-    from huggingface_hub import HfApi, get_token
-
     folder = Path(folder)
     check_weights_file(folder)
     if not (folder / 'config.json').is_file():
@@ -437,9 +287,6 @@ def add_to_hf_cache(folder: PathLike, repo_id: str, cache_dir: Optional[PathLike
     Returns:
         the 40-hex commit id of the snapshot (also usable as ``ORG/NAME@<commit>``).
     """
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
     folder = Path(folder)
     check_weights_file(folder)
     files = sorted(p for p in folder.rglob('*') if p.is_file() and not p.name.startswith('.'))
@@ -453,9 +300,8 @@ def add_to_hf_cache(folder: PathLike, repo_id: str, cache_dir: Optional[PathLike
     for (rel, digest), src in zip(hashes.items(), files):
         blob = repo / 'blobs' / digest
         if not blob.is_file():
-            tmp = blob.with_name(f'{digest}.incomplete-{uuid.uuid4().hex[:8]}')
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, blob)
+            with atomic_file(blob) as tmp:
+                shutil.copyfile(src, tmp)
         dst = snapshot / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.is_symlink() or dst.exists():
@@ -464,11 +310,7 @@ def add_to_hf_cache(folder: PathLike, repo_id: str, cache_dir: Optional[PathLike
             dst.symlink_to(os.path.relpath(blob, dst.parent))
         except OSError:  # e.g. Windows without developer mode: huggingface_hub accepts plain files in snapshots
             shutil.copyfile(blob, dst)
-    ref = repo / 'refs' / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f'.{ref.name}.tmp')
-    tmp.write_text(commit)  # no trailing newline: huggingface_hub reads it with f.read()
-    os.replace(tmp, ref)
+    write_text(repo / 'refs' / revision, commit)  # no trailing newline: huggingface_hub reads it with f.read()
     return commit
 
 

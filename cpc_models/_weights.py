@@ -1,0 +1,156 @@
+"""Reading weights files safely, and errors that name the file and say what to do.
+
+Used by the model file (``encoder.py``: checks around timm's pretrained loading) and by ``hub.py`` / ``extract.py``.
+Imports nothing of the package, so the model file does not depend on the Hub or CLI code.
+
+* :func:`check_weights_file` / :func:`load_weights`: existence and safetensors-header checks; ``torch.load`` only
+  with ``weights_only=True``. Nothing is ever unpickled.
+* :func:`pretrained_errors`: wraps ``timm.models.build_model_with_cfg`` for ``pretrained=True``: no published
+  weights, a missing or corrupt local file, an offline Hub or a corrupt Hub cache become errors that say what to do.
+"""
+import contextlib
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Union
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._hub import hf_split
+
+__all__ = ['WEIGHTS_NAME', 'CorruptWeightsError', 'check_weights_file', 'load_weights', 'pretrained_errors']
+
+PathLike = Union[str, os.PathLike]
+WEIGHTS_NAME = 'model.safetensors'
+
+
+class CorruptWeightsError(RuntimeError):
+    """A weights file exists but cannot be read (truncated download, interrupted copy, not a safetensors file)."""
+
+
+def check_weights_file(path: PathLike) -> Path:
+    """Check that a weights file (or a published folder holding ``model.safetensors``) exists and can be read.
+
+    Safetensors files are validated from their header (cheap: no tensor is read), which catches truncated and
+    corrupt files. Returns the weights file.
+
+    Raises:
+        FileNotFoundError: the file (or the folder's ``model.safetensors``) does not exist.
+        CorruptWeightsError: the safetensors file is truncated or corrupt.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        folder, path = path, path / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f'No {WEIGHTS_NAME} in the folder {folder}. A published folder holds model.safetensors, config.json '
+                f'and README.md: create it with `python -m cpc_models.hub export --checkpoint CKPT --out {folder}`.')
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'Weights file not found: {path}. Check the path; a cpc-train checkpoint keeps the encoder in '
+            f'<out_dir>/checkpoints/step_*/encoder.safetensors, a published folder in model.safetensors.')
+    if path.suffix == '.safetensors':
+        try:
+            with safetensors.safe_open(str(path), framework='pt') as f:
+                f.keys()
+        except (safetensors.SafetensorError, OSError, ValueError) as e:
+            raise CorruptWeightsError(_corrupt_message(path, e)) from e
+    return path
+
+
+def _corrupt_message(path: PathLike, err: Exception) -> str:
+    size = Path(path).stat().st_size if Path(path).exists() else 0
+    return (f'Weights file {path} ({size} bytes) is truncated or corrupt ({err}). Delete it and copy or download it '
+            f'again (for a Hub download: remove it from the Hugging Face cache and load with network access), or '
+            f're-export it with `python -m cpc_models.hub export`.')
+
+
+def load_weights(path: PathLike, device: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` file (or a published folder); other files only with
+    ``torch.load(weights_only=True)``. Nothing is ever unpickled.
+
+    Raises:
+        FileNotFoundError, CorruptWeightsError: with the file named and what to do.
+    """
+    path = check_weights_file(path)
+    if path.suffix == '.safetensors':
+        try:
+            return safetensors.torch.load_file(str(path), device=str(device))
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CorruptWeightsError(_corrupt_message(path, e)) from e
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError ...
+        raise CorruptWeightsError(
+            f'Could not read {path} with torch.load(weights_only=True) ({type(e).__name__}: {e}). Only plain tensor '
+            f'checkpoints are accepted; convert it to safetensors (safetensors.torch.save_file(state_dict, ...)).'
+        ) from e
+
+
+def _published_tags(variant: str) -> List[str]:
+    return [n.split('.', 1)[1] for n in timm.list_pretrained(f'{variant}.*')]
+
+
+def _check_source(variant: str, cfg) -> None:
+    """Fail early, naming the file, when the weights cannot come from anywhere or a local file is bad."""
+    if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
+        raise RuntimeError(
+            f'No pretrained weights are published for "{variant}" yet (tags with weights: '
+            f'{_published_tags(variant) or "none"}). Train them with `cpc-train --model {variant} ...` and '
+            f'load the result with timm.create_model("{variant}", pretrained=True, '
+            f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors")), or create the model with '
+            f'pretrained=False.')
+    # timm raises a bare FileNotFoundError for a missing local file and safetensors a header error without a path
+    if cfg.state_dict is None and getattr(cfg, 'source', '') != 'hf-hub' and cfg.file:
+        check_weights_file(cfg.file)
+
+
+def _explain(variant: str, cfg, err: Exception, cache_dir: Optional[PathLike]) -> Optional[Exception]:
+    """An error raised while timm loads pretrained weights, as one that says what to do (None: keep ``err``)."""
+    hub_id = cfg.hf_hub_id
+    from_hub = bool(hub_id) and (getattr(cfg, 'source', '') == 'hf-hub' or not cfg.file)
+    if isinstance(err, safetensors.SafetensorError):
+        where = cfg.file or '?'
+        if from_hub:
+            repo, rev = hf_split(hub_id)
+            cached = try_to_load_from_cache(repo, WEIGHTS_NAME, cache_dir=cache_dir, revision=rev)
+            where = cached if isinstance(cached, str) else f'{WEIGHTS_NAME} of the Hub repo {hub_id}'
+        elif Path(where).is_dir():
+            where = str(Path(where) / WEIGHTS_NAME)
+        return CorruptWeightsError(_corrupt_message(where, err))
+    if from_hub and isinstance(err, RepositoryNotFoundError):
+        return RuntimeError(
+            f'The Hugging Face Hub repo "{hub_id}" of "{variant}" does not exist (or is private: log in with '
+            f'`hf auth login`). Load a local copy with pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
+    if from_hub and isinstance(err, (LocalEntryNotFoundError, FileNotFoundError, ConnectionError)):
+        return RuntimeError(
+            f'Could not get the weights of "{variant}" from the Hugging Face Hub repo "{hub_id}": the machine is '
+            f'offline (or HF_HUB_OFFLINE=1) and they are not in the cache ({cache_dir or "HF_HUB_CACHE"}). Either '
+            f'connect once to download them, or copy the published folder onto this machine and add it to the cache '
+            f'with `python -m cpc_models.hub cache FOLDER {hf_split(hub_id)[0]}` (cpc_models.hub.add_to_hf_cache), or '
+            f'load the file directly with pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"). '
+            f'({type(err).__name__}: {err})')
+    return None
+
+
+@contextlib.contextmanager
+def pretrained_errors(variant: str, pretrained: bool, kwargs: Dict) -> Iterator[None]:
+    """Around ``build_model_with_cfg(..., pretrained, **kwargs)``: with ``pretrained=True``, check where the weights
+    come from before timm reads them, and turn loading errors into ones that say what to do."""
+    if not pretrained:
+        yield
+        return
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    _check_source(variant, cfg)
+    try:
+        yield
+    except Exception as e:
+        err = _explain(variant, cfg, e, kwargs.get('cache_dir'))
+        if err is None:
+            raise
+        raise err from e

@@ -1,0 +1,40 @@
+"""cpc_models.atomic: a file or folder is complete or absent, also when the writer fails half way."""
+import pytest
+
+from cpc_models.atomic import atomic_dir, atomic_file, write_text
+
+
+def test_atomic_file(tmp_path):
+    path = tmp_path / 'sub' / 'out.txt'
+    write_text(path, 'one')
+    assert path.read_text() == 'one'
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as tmp:
+            tmp.write_text('half')
+            raise RuntimeError('killed while writing')
+    assert path.read_text() == 'one'  # the old content, untouched
+    assert sorted(p.name for p in path.parent.iterdir()) == ['out.txt']  # no temporary file left
+    write_text(path, 'two')
+    assert path.read_text() == 'two'
+
+
+def test_atomic_dir(tmp_path):
+    final = tmp_path / 'folder'
+    with atomic_dir(final) as tmp:
+        (tmp / 'a').write_text('1')
+        assert not final.exists()  # nothing visible before the block ends
+    assert (final / 'a').read_text() == '1'
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / 'b').write_text('2')
+            raise RuntimeError('killed while writing')
+    assert sorted(p.name for p in final.iterdir()) == ['a']  # the old folder, untouched
+    with atomic_dir(final) as tmp:
+        (tmp / 'c').write_text('3')
+    assert sorted(p.name for p in final.iterdir()) == ['c']  # replaced as a whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['folder']  # no temporary or old folder left
+    with pytest.raises(FileExistsError, match='already exists'):
+        with atomic_dir(final, overwrite=False):
+            pass
+    with atomic_dir(tmp_path / 'named', tmp_name='.partial_1') as tmp:
+        assert tmp.name == '.partial_1'
