@@ -1,26 +1,27 @@
-"""Image sources for pretraining and evaluation: folders of image files and Fashion-MNIST IDX files.
+"""Image sources for pretraining and evaluation: folders of image files and Fashion-MNIST IDX files, and the
+sampler that gives every rank its part of each global batch.
 
-Every dataset yields uint8 image tensors (C, H, W); conversion to float, patching and augmentation happen
-batched in the training loop. Unreadable images never crash a run: they come out as ``None`` and
-``collate_skip`` drops them and counts them.
+Every dataset yields ``(uint8 image (C, H, W) or None, index, error or None)``; conversion to float, patching and
+augmentation happen batched in the training step. Unreadable images never crash a run: ``collate_readable``
+(cpc_models.images) drops them and reports them.
 """
 import gzip
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
+from .images import ImageFiles, find_images
+
 __all__ = [
-    'IMAGE_EXTENSIONS', 'find_images', 'ImageFolderDataset', 'TensorImageDataset', 'read_idx',
-    'fashion_mnist_dir', 'load_fashion_mnist', 'collate_skip', 'FASHION_MNIST_CLASSES',
+    'ImageFolderDataset', 'TensorImageDataset', 'StepSampler', 'read_idx', 'fashion_mnist_dir', 'load_fashion_mnist',
+    'FASHION_MNIST_CLASSES',
 ]
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff')
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
 FASHION_MNIST_CLASSES = (
     'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
@@ -30,64 +31,59 @@ _FMNIST_FILES = {
 }
 
 
-def find_images(root, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Path]:
-    """All image files under `root` (recursive), sorted, by extension (case-insensitive)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f'Image folder {root} does not exist; pass a folder of JPEG/PNG images.')
-    files = sorted(p for p in root.rglob('*') if p.is_file() and p.suffix.lower() in extensions)
-    if not files:
-        raise FileNotFoundError(f'No images ({", ".join(extensions)}) found under {root}.')
-    return files
-
-
-def load_image(path, channels: int) -> Image.Image:
-    """Open an image file and convert it to 'L' (channels=1) or 'RGB' (channels=3), whatever its mode."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-        if img.mode in ('RGBA', 'LA', 'P') and channels == 3:
-            img = img.convert('RGBA').convert('RGB')
-        return img.convert('L' if channels == 1 else 'RGB')
-
-
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(ImageFiles):
     """Images found recursively under a folder (labels unused), as uint8 tensors (C, size, size).
 
-    Training: resize the short side to ``resize`` then random-crop ``size``; eval: centre crop.
-    An unreadable image yields ``None`` (see :func:`collate_skip`).
+    Training: resize the short side to ``resize`` then random-crop ``size``; eval: centre crop. Items are
+    ``(image or None, index, error or None)`` (see :class:`~cpc_models.images.ImageFiles`).
     """
 
     def __init__(self, root, size: int, channels: int = 3, resize: Optional[int] = None, train: bool = True):
-        self.files = find_images(root)
-        self.channels = channels
         crop = v2.RandomCrop(size) if train else v2.CenterCrop(size)
-        self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(resize or size, antialias=True), crop])
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> Optional[torch.Tensor]:
-        try:
-            img = load_image(self.files[i], self.channels)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-            return None
-        return self.transform(img)
+        super().__init__(find_images(root), channels,
+                         v2.Compose([v2.PILToTensor(), v2.Resize(resize or size, antialias=True), crop]))
 
 
 class TensorImageDataset(Dataset):
-    """In-memory uint8 images (N, C, H, W), optionally with labels."""
+    """In-memory uint8 images (N, C, H, W), as ``(image, index, None)`` items like :class:`ImageFolderDataset`."""
 
-    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def __init__(self, images: torch.Tensor):
         self.images = images
-        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return self.images[i] if self.labels is None else (self.images[i], self.labels[i])
+        return self.images[i], i, None
+
+
+class StepSampler(Sampler):
+    """Global batches from a seeded per-epoch permutation; each rank takes its contiguous slice.
+
+    Starting at ``start_step`` replays nothing and skips nothing, which makes resume exact.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int = 0):
+        if global_batch % world:
+            raise ValueError(f'batch_size {global_batch} must be divisible by the number of processes {world}.')
+        if n < global_batch:
+            raise ValueError(f'The dataset has {n} images, fewer than one batch of {global_batch}; lower --batch-size.')
+        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.steps_per_epoch = n // global_batch
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.start_step
+        local = self.global_batch // self.world
+        while True:
+            epoch, i = divmod(step, self.steps_per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            start = i * self.global_batch + self.rank * local
+            yield perm[start:start + local].tolist()
+            step += 1
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
 
 
 def read_idx(path) -> np.ndarray:
@@ -138,11 +134,3 @@ def load_fashion_mnist(split: str = 'train', root=None) -> Tuple[torch.Tensor, t
     if len(images) != len(labels):
         raise ValueError(f'{d}: {len(images)} images but {len(labels)} labels.')
     return images, labels
-
-
-def collate_skip(batch):
-    """Stack a batch, dropping unreadable samples (None). Returns (images (B, C, H, W) or None, n_skipped)."""
-    kept = [b for b in batch if b is not None]
-    if not kept:
-        return None, len(batch)
-    return torch.stack(kept), len(batch) - len(kept)

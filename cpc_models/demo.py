@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 
 from . import encoder as _encoder  # noqa: F401  (registers the models)
-from .evaluate import extract_features, fit_linear_probe
+from .evaluate import fit_linear_probe
+from .extract import extract_features
 
 SAMPLE = Path(__file__).resolve().parent / 'assets' / 'fashion_mnist_sample.safetensors'
 DEFAULT_MODEL = 'cpcv2_resnet_tiny.fmnist'

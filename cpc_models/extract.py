@@ -1,11 +1,16 @@
-"""``cpc-extract``: features of image files, written to a safetensors file.
+"""Features of a frozen encoder: of in-memory image tensors (evaluation), and of image files (``cpc-extract``).
+
+* :func:`extract_features`: uint8 images (N, C, H, W) -> pooled features and, optionally, latent grids; normalized
+  with the model's mean/std (the images already have the model's input size).
+* :func:`extract_files`: image files -> features, preprocessed with the model's own data config; unreadable files
+  are skipped and reported. ``cpc-extract`` writes them to a safetensors file:
 
     cpc-extract --model cpcv2_resnet_tiny.<tag> images/ --out features.safetensors
     cpc-extract --model cpcv2_resnet_tiny --checkpoint encoder.safetensors a.png b.jpg --grid --out grid.safetensors
 
-Every image (JPEG/PNG/..., any PIL mode: L, RGB, RGBA, P, I;16, ...; any size) is converted to the model's channel
-count and preprocessed with the model's own data config (``timm.data.resolve_model_data_config`` +
-``timm.data.create_transform``), then encoded in batches.
+Every image (JPEG/PNG/..., any PIL mode: L, RGB, RGBA, P, I;16, ...; any size; read by cpc_models.images, EXIF
+orientation applied) is converted to the model's channel count and preprocessed with the model's own data config
+(``timm.data.resolve_model_data_config`` + ``timm.data.create_transform``), then encoded in batches.
 
 Output (safetensors, written to a temporary file and renamed):
 
@@ -20,96 +25,63 @@ import difflib
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import safetensors
 import safetensors.torch
 import timm
 import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import encoder  # noqa: F401  (registers the architectures with timm)
-from .hub import CorruptWeightsError, check_weights_file
+from ._weights import CorruptWeightsError, check_weights_file
+from .atomic import atomic_file
+from .images import ImageFiles, collate_readable, find_images
 
-__all__ = ['extract_features', 'find_images', 'load_image', 'read_features', 'main']
+__all__ = ['extract_features', 'extract_files', 'normalize', 'read_features', 'main']
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 FORMAT = 'cpc-extract/1'
-_PIL_MODE = {1: 'L', 3: 'RGB', 4: 'RGBA'}
-
-
-def find_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[Path]:
-    """Image files of ``inputs``: folders are searched recursively (sorted, by extension), files kept as given.
-
-    Raises:
-        FileNotFoundError: an input does not exist.
-    """
-    paths = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f'No such image file or folder: {item}')
-    return paths
-
-
-def load_image(path: Union[str, os.PathLike], in_chans: int) -> Image.Image:
-    """Open an image of any PIL mode and convert it to ``in_chans`` channels (1: L, 3: RGB, 4: RGBA).
-
-    16/32-bit integer and float images (I;16, I, F) are scaled to 8 bits; palette images go through RGBA so that
-    transparency is handled; EXIF orientation is applied.
-    """
-    if in_chans not in _PIL_MODE:
-        raise ValueError(f'Cannot convert images to {in_chans} channels; supported: {sorted(_PIL_MODE)}.')
-    with Image.open(path) as img:
-        img.load()
-    img = ImageOps.exif_transpose(img)
-    if img.mode.startswith('I') or img.mode == 'F':
-        arr = np.asarray(img, dtype=np.float32)
-        if img.mode.startswith('I;16') or arr.max(initial=0) > 255:
-            arr = arr / 257.0  # 16-bit range -> 8-bit
-        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode='L')
-    elif img.mode == 'P':
-        img = img.convert('RGBA')
-    return img.convert(_PIL_MODE[in_chans])
-
-
-class _ImageFiles(Dataset):
-    """(transformed image (C, H, W) or None, index, error message or None) per file; never raises on bad files."""
-
-    def __init__(self, paths: Sequence[Path], transform, in_chans: int):
-        self.paths, self.transform, self.in_chans = list(paths), transform, in_chans
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.transform(load_image(self.paths[i], self.in_chans)), i, None
-        except Exception as e:  # PIL.UnidentifiedImageError, truncated files, OSError, decompression bombs ...
-            return None, i, f'{type(e).__name__}: {e}'
-
-
-def _collate(items):
-    good = [(x, i) for x, i, err in items if err is None]
-    bad = [(i, err) for x, i, err in items if err is not None]
-    images = torch.stack([x for x, _ in good]) if good else None
-    return images, [i for _, i in good], bad
 
 
 def _in_chans(model: torch.nn.Module, data_config: Dict) -> int:
     return int(getattr(model, 'in_chans', None) or data_config['input_size'][0])
 
 
+def _mean_std(model: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    cfg = timm.data.resolve_model_data_config(model)
+    return torch.tensor(cfg['mean']).view(1, -1, 1, 1), torch.tensor(cfg['std']).view(1, -1, 1, 1)
+
+
+def normalize(images: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> float, normalized with the model's mean/std, channels_last."""
+    mean, std = _mean_std(model)
+    return ((images.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, keep_grid: bool = False,
+                     desc: str = 'extract', progress: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run a frozen encoder once over uint8 images (N, C, H, W) of the model's input size.
+
+    Returns (pooled float32 (N, F), grid float16 (N, F, rows, cols) or None). Pooled = the encoder's own
+    ``forward_head(forward_features(x), pre_logits=True)`` (mean over the patch grid).
+    """
+    was_training = model.training
+    model.eval().to(memory_format=torch.channels_last)
+    pooled, grids = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        z = model.forward_features(normalize(images[i:i + batch_size], model))
+        pooled.append(model.forward_head(z, pre_logits=True).float())
+        if keep_grid:
+            grids.append(z.to(torch.float16).contiguous())
+    model.train(was_training)
+    return torch.cat(pooled), (torch.cat(grids) if keep_grid else None)
+
+
 @torch.inference_mode()
-def extract_features(
+def extract_files(
         model: torch.nn.Module,
         paths: Sequence[Union[str, os.PathLike]],
         batch_size: int = 64,
@@ -138,8 +110,8 @@ def extract_features(
     transform = timm.data.create_transform(**data_config, is_training=False)
     paths = [Path(p) for p in paths]
     loader = DataLoader(
-        _ImageFiles(paths, transform, _in_chans(model, data_config)), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=torch.device(device).type == 'cuda')
+        ImageFiles(paths, _in_chans(model, data_config), transform), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=collate_readable, pin_memory=torch.device(device).type == 'cuda')
     model = model.eval().to(device)
     feats, kept, skipped = [], [], []
     for images, idx, bad in tqdm(loader, desc='cpc-extract', unit='batch', disable=not progress, file=sys.stderr):
@@ -174,17 +146,12 @@ def read_features(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, List[str
 
 
 def _save(out: Path, features: torch.Tensor, kept: List[str], skipped: List[Tuple[str, str]], meta: Dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f'.{out.name}.tmp-{uuid.uuid4().hex[:8]}')
     metadata = dict(
         format=FORMAT, paths=json.dumps(kept), skipped=json.dumps([dict(path=p, error=e) for p, e in skipped]),
         shape=json.dumps(list(features.shape)),
         **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    try:
+    with atomic_file(out) as tmp:
         safetensors.torch.save_file({'features': features.contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_model_name(name: str) -> None:
@@ -232,10 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         paths = find_images(args.inputs)
-        if not paths:
-            raise FileNotFoundError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) found in {", ".join(args.inputs)}.')
         model = create_model(args.model, args.pretrained, args.checkpoint)
-        features, kept, skipped = extract_features(
+        features, kept, skipped = extract_files(
             model, paths, batch_size=args.batch_size, grid=args.grid, device=args.device,
             num_workers=args.workers, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, CorruptWeightsError, RuntimeError) as e:

@@ -2,7 +2,8 @@
 
 DATA is an ImageFolder tree: one subfolder per class. If DATA/train (and DATA/val) exist they are used, otherwise
 --val-frac of DATA is held out for validation. The model's own preprocessing is used (its pretrained cfg: input
-size, mean/std, crop), with timm's training augmentation.
+size, mean/std, crop), with timm's training augmentation; images are read by cpc_models.images (EXIF orientation,
+any mode or bit depth, converted to the model's channels).
 
     python examples/finetune.py DATA --model cpcv2_resnet_tiny.fmnist --epochs 10 --out runs/ft
     python examples/finetune.py DATA --model cpcv2_resnet_tiny --no-pretrained   # no published weights needed
@@ -13,7 +14,7 @@ The fine-tuned weights go to OUT/model.safetensors; load them with
 """
 import argparse
 import json
-import math
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -23,9 +24,10 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import pil_loader
 
 import cpc_models  # noqa: F401  registers the cpc models with timm
+from cpc_models.images import open_image
+from cpc_models.schedule import warmup_cosine
 
 
 def main(argv=None):
@@ -49,10 +51,7 @@ def main(argv=None):
     classes = ImageFolder(args.data / 'train' if has_split else args.data).classes
     model = timm.create_model(args.model, pretrained=not args.no_pretrained, num_classes=len(classes))
     cfg = resolve_model_data_config(model)
-    mode = 'L' if cfg['input_size'][0] == 1 else 'RGB'
-
-    def loader(path):
-        return pil_loader(path).convert(mode)
+    loader = partial(open_image, channels=cfg['input_size'][0])
 
     def folder(root, train):
         return ImageFolder(root, create_transform(**cfg, is_training=train), loader=loader)
@@ -74,8 +73,8 @@ def main(argv=None):
     steps = min(steps, args.max_steps) if args.max_steps else steps
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total_steps=steps, warmup_steps=warmup,
+                                                           decay_during_warmup=True))
     model.to(memory_format=torch.channels_last)
     step, history = 0, []
     for epoch in range(1, args.epochs + 1):

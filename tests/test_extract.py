@@ -1,4 +1,5 @@
-"""cpc-extract on real PNG/JPEG files of several modes and sizes, a corrupt file, and a checkpoint."""
+"""cpc-extract on real PNG/JPEG files of several modes and sizes, a corrupt file, and a checkpoint (image modes,
+EXIF and bit depth in detail: tests/test_images.py)."""
 import numpy as np
 import pytest
 import safetensors
@@ -9,6 +10,7 @@ from PIL import Image
 
 import cpc_models  # noqa: F401
 from cpc_models import extract
+from cpc_models.images import find_images, open_image
 
 ARCH = 'cpcv2_resnet_tiny'
 
@@ -41,19 +43,19 @@ def images(tmp_path_factory):
     return root
 
 
-def test_load_image_modes(images):
+def test_open_image_modes(images):
     assert Image.open(images / 'sub' / 'e_16bit.png').mode.startswith('I')
     for name in ('a_gray.png', 'b_rgb.jpg', 'c_rgba.png', 'sub/d_p.png', 'sub/e_16bit.png'):
-        assert extract.load_image(images / name, 1).mode == 'L'
-        assert extract.load_image(images / name, 3).mode == 'RGB'
-    arr = np.asarray(extract.load_image(images / 'sub' / 'e_16bit.png', 1))
+        assert open_image(images / name, 1).mode == 'L'
+        assert open_image(images / name, 3).mode == 'RGB'
+    arr = np.asarray(open_image(images / 'sub' / 'e_16bit.png', 1))
     assert arr.max() > 200 and arr.min() < 50  # 16-bit range scaled, not clipped to 255
 
 
 def test_extract_features_pooled_grid_and_skips(model, images):
-    paths = extract.find_images([images])
+    paths = find_images([images])
     assert len(paths) == 7 and not any(p.suffix == '.txt' for p in paths)
-    feats, kept, skipped = extract.extract_features(model, paths, batch_size=3, progress=False)
+    feats, kept, skipped = extract.extract_files(model, paths, batch_size=3, progress=False)
     assert feats.shape == (6, model.num_features) and feats.dtype == torch.float32
     assert [s[0] for s in skipped] == [str(images / 'sub' / 'g_corrupt.png')]
     assert 'g_corrupt' not in ' '.join(kept) and len(kept) == 6
@@ -61,17 +63,17 @@ def test_extract_features_pooled_grid_and_skips(model, images):
     cfg = timm.data.resolve_model_data_config(model)
     tf = timm.data.create_transform(**cfg)
     for i in (0, 5):
-        x = tf(extract.load_image(kept[i], 1)).unsqueeze(0)
+        x = tf(open_image(kept[i], 1)).unsqueeze(0)
         with torch.no_grad():
             torch.testing.assert_close(feats[i], model(x)[0], rtol=1e-4, atol=1e-5)
-    grid, kept_g, _ = extract.extract_features(model, paths, batch_size=4, grid=True, progress=False)
+    grid, kept_g, _ = extract.extract_files(model, paths, batch_size=4, grid=True, progress=False)
     assert grid.shape == (6, model.num_features, 6, 6) and kept_g == kept
     torch.testing.assert_close(grid.mean((2, 3)), feats, rtol=1e-4, atol=1e-5)
 
 
 def test_extract_three_channel_model(images):
     model = timm.create_model(ARCH, in_chans=3).eval()
-    feats, kept, _ = extract.extract_features(model, [images / 'a_gray.png', images / 'c_rgba.png'], progress=False)
+    feats, kept, _ = extract.extract_files(model, [images / 'a_gray.png', images / 'c_rgba.png'], progress=False)
     assert feats.shape == (2, model.num_features) and torch.isfinite(feats).all()
 
 
@@ -97,7 +99,7 @@ def test_cli_checkpoint(model, images, tmp_path, capsys):
     assert extract.main(['--model', ARCH, '--checkpoint', str(ckpt), '--no-progress', str(images / 'a_gray.png'),
                          str(images / 'f_odd.png'), '--out', str(out)]) == 0
     feats, _, meta = extract.read_features(out)
-    ref, _, _ = extract.extract_features(model, [images / 'a_gray.png', images / 'f_odd.png'], progress=False)
+    ref, _, _ = extract.extract_files(model, [images / 'a_gray.png', images / 'f_odd.png'], progress=False)
     torch.testing.assert_close(feats, ref)
     assert meta['checkpoint'] == str(ckpt)
     # truncated checkpoint: named, with what to do; nothing written
