@@ -7,11 +7,11 @@ four-direction InfoNCE), :class:`PatchAugment` (batched per-patch augmentation),
 from .augment import PatchAugment, PatchAugmentConfig
 from .context import MaskedContextNet
 from .encoder import CPCResNetV2
-from .objective import CPCObjective, ObjectiveOutput
+from .objective import CPCObjective, ObjectiveConfig, ObjectiveOutput
 from .patches import grid_size, patchify
 
 __version__ = '0.1.0'
 __all__ = [
-    'CPCResNetV2', 'CPCObjective', 'ObjectiveOutput', 'MaskedContextNet', 'PatchAugment', 'PatchAugmentConfig',
-    'grid_size', 'patchify', '__version__',
+    'CPCResNetV2', 'CPCObjective', 'ObjectiveConfig', 'ObjectiveOutput', 'MaskedContextNet', 'PatchAugment',
+    'PatchAugmentConfig', 'grid_size', 'patchify', '__version__',
 ]

@@ -55,28 +55,28 @@ class PatchAugmentConfig:
     color_drop: float = 1.0
     color_drop_mode: str = 'zero'  # 'zero': other two channels set to 0; 'replicate': kept channel copied to all 3
     # horizontal flip
-    hflip: float = 0.5
+    hflip: float = 0.5  # probability of a horizontal flip
     # spatial jitter: integer translation in [-jitter, jitter] px per axis, uniform, every patch
     jitter: int = 4
     # AutoAugment primitives, RandAugment style: num_ops slots per patch, each a uniformly drawn op from
     # `auto_augment_ops` applied with prob `auto_augment_prob`; magnitude on timm's 0.._LEVEL_DENOM scale
-    auto_augment: bool = True
-    auto_augment_ops: tuple[str, ...] = _DEFAULT_AA_OPS
-    num_ops: int = 2
-    magnitude: float = 9.0
+    auto_augment: bool = True  # AutoAugment primitives on
+    auto_augment_ops: tuple[str, ...] = _DEFAULT_AA_OPS  # timm op names a slot draws from
+    num_ops: int = 2  # AutoAugment slots per patch
+    magnitude: float = 9.0  # op strength on timm's scale (0 .. magnitude_max)
     magnitude_std: float = 0.5  # per-patch magnitude ~ N(magnitude, std) clipped to [0, magnitude_max]; 0 = fixed
-    magnitude_max: float = _LEVEL_DENOM
-    auto_augment_prob: float = 0.5
+    magnitude_max: float = _LEVEL_DENOM  # full strength (timm's _LEVEL_DENOM)
+    auto_augment_prob: float = 0.5  # probability that a slot applies its op
     # elastic deformation (torchvision ElasticTransform convention: displacement = alpha * blur(U(-1,1), sigma) / P)
-    elastic: float = 0.5
-    elastic_alpha: float = 50.0
-    elastic_sigma: float = 5.0
+    elastic: float = 0.5  # probability of an elastic deformation
+    elastic_alpha: float = 50.0  # displacement scale alpha
+    elastic_sigma: float = 5.0  # smoothing of the displacement field (Gaussian sigma, px)
     # colour jitter (torchvision ColorJitter ranges): (brightness, contrast, saturation, hue)
-    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    color_jitter_prob: float = 0.8
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    color_jitter_prob: float = 0.8  # probability of colour jitter
     # warp resampling
-    interpolation: str = 'bilinear'
-    padding_mode: str = 'reflection'
+    interpolation: str = 'bilinear'  # bilinear, nearest or bicubic
+    padding_mode: str = 'reflection'  # zeros, border or reflection
 
     def __post_init__(self):
         self.auto_augment_ops = tuple(self.auto_augment_ops)

@@ -13,6 +13,7 @@ and/or transposed so that "down" in the frame is up, right or left in the image.
 """
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from .context import MaskedContextNet
 from .distributed import gather_with_grad, rank, world_size
 
-__all__ = ['DIRECTIONS', 'CPCObjective', 'ObjectiveOutput', 'from_frame', 'to_frame']
+__all__ = ['DIRECTIONS', 'CPCObjective', 'ObjectiveConfig', 'ObjectiveOutput', 'from_frame', 'to_frame']
 
 # Prediction directions, in the order directions=1, 2, 4 switches them on. 'down' = context from the rows
 # above predicts rows below (top-to-bottom, the paper's original task).
@@ -58,6 +59,19 @@ class ObjectiveOutput(NamedTuple):
     (top-1 accuracy of picking the true target among all candidates) and ``acc`` (their mean)."""
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+
+
+@dataclass
+class ObjectiveConfig:
+    """The keyword arguments of :class:`CPCObjective` (same names and defaults): ``CPCObjective(C, **asdict(cfg))``."""
+    context_hidden: int = 256  # width of the context network's blocks (256 in the paper)
+    context_blocks: int = 5  # residual blocks of the context network (5 in the paper)
+    target_dim: int = 64  # width D of targets and predictions (64 in the paper)
+    offsets: list[int] = field(default_factory=lambda: [3])  # rows ahead to predict ([3]: the pseudo-code's)
+    directions: int = 4  # 1 (top-to-bottom), 2 (+ bottom-to-top) or 4 (+ left-to-right, right-to-left)
+    shared_context: bool = True  # one context network for every direction (the grid flipped/transposed)
+    emb_scale: float = 0.1  # scale of the predictions, an inverse temperature (0.1 in the pseudo-code)
+    gather_distributed: bool = True  # under torch.distributed, contrast against the targets of every rank
 
 
 class CPCObjective(nn.Module):

@@ -24,10 +24,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import cpc_models  # noqa: F401  (registers the architectures)
-from cpc_models import hub, train
+from cpc_models import config, hub, train
 from cpc_models.augment import PatchAugmentConfig
-from cpc_models.data import find_images, load_fashion_mnist
-from cpc_models.objective import CPCObjective
+from cpc_models.data import load_fashion_mnist
+from cpc_models.images import find_images
+from cpc_models.objective import CPCObjective, ObjectiveConfig
 
 ARCH = 'cpcv2_resnet_tiny'
 # Small and fast, but the fmnist_tiny preset's real recipe otherwise (augmentation on, 4 directions, offsets 2, 3).
@@ -266,12 +267,13 @@ def test_checkpoints_atomic_complete_and_pruned(short_run):
     obj = load_file(last / 'objective.safetensors')
     assert any(k.startswith('predictors.up.k3') for k in obj) and not any('right' in k for k in obj)
     # config.json is the resolved config, as printed on stdout, and rebuilds the run
-    config = json.loads((last / 'config.json').read_text())
-    assert config == dataclasses.asdict(train.build_config(argv))
-    assert config['objective']['directions'] == 2 and config['objective']['target_dim'] == 64  # library default
-    assert config['augment']['jitter'] == 1 and config['augment']['hflip'] == 0.5  # preset, library default
+    saved = json.loads((last / 'config.json').read_text())
+    assert saved == config.to_dict(train.build_config(argv))
+    assert config.from_dict(train.TrainConfig, saved) == train.build_config(argv)  # and rebuilds the config
+    assert saved['objective']['directions'] == 2 and saved['objective']['target_dim'] == 64  # library default
+    assert saved['augment']['jitter'] == 1 and saved['augment']['hflip'] == 0.5  # preset, library default
     printed = stdout.split('config: ', 1)[1]
-    assert json.loads(printed[:printed.index('\n}') + 2]) == config
+    assert json.loads(printed[:printed.index('\n}') + 2]) == saved
     metrics = json.loads((last / 'metrics.json').read_text())
     assert metrics['step'] == 7 and 'loss' in metrics  # the last logged metrics (every 3 steps and the last)
 
@@ -286,6 +288,64 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, capsys):
     last = max(_losses(out))
     assert f'at step {last}; stopping. Last good checkpoint: {out / "checkpoints" / f"step_{last:08d}"}' in err
     assert last < 20 and all(math.isfinite(v) for v in _losses(out).values())
+
+
+def test_nonfinite_loss_found_at_the_next_sync_step(tmp_path, capsys):
+    """The host reads the loss only at log and checkpoint steps: a non-finite loss in between is found at the next
+    one, named with the step where it happened (as when every step is read), and nothing is logged or saved after it."""
+    blow_up = FAST + ['--lr', '1e30', '--warmup-steps', '1', '--grad-clip', '0', '--max-steps', '20', '--keep-last', '0']
+    rc, _, every = _run(blow_up + ['--save-every', '100', '--log-every', '1', '--out-dir', str(tmp_path / 'a')], capsys)
+    assert rc == 2
+    bad = int(every.split('at step ')[1].split(';')[0])
+    out = tmp_path / 'b'
+    rc, _, err = _run(blow_up + ['--save-every', '3', '--log-every', '4', '--out-dir', str(out)], capsys)
+    assert rc == 2 and f'at step {bad};' in err
+    logged = _losses(out) if (out / 'metrics.jsonl').read_text() else {}
+    assert all(step <= bad and step % 4 == 0 and math.isfinite(v) for step, v in logged.items())
+    saved = [int(p.split('_')[1]) for p in _ckpts(out)] if (out / 'checkpoints').is_dir() else []
+    assert all(step <= bad for step in saved)
+    assert f'Last good checkpoint: {out / "checkpoints" / f"step_{max(saved):08d}" if saved else "none"}' in err
+
+
+# ============ 5b. checkpoints written by earlier versions ============
+
+# config.json as written by cpc-train before configs were typed (objective and augment as plain dicts), for
+# FAST + --max-steps 6 --save-every 2 --log-every 1; and the older form whose groups held only the preset's keys.
+OLD_CONFIG = json.loads('''{"model": "cpcv2_resnet_tiny", "model_args": {}, "data": "fashion-mnist", "data_dir": "",
+ "image_size": 0, "resize": 0, "num_workers": 0, "batch_size": 8, "epochs": 2, "max_steps": 6, "lr": 0.002,
+ "min_lr_ratio": 0.01, "warmup_steps": 5, "weight_decay": 0.0001, "betas": [0.9, 0.999], "grad_clip": 1.0,
+ "objective": {"context_hidden": 16, "context_blocks": 3, "target_dim": 64, "offsets": [2, 3], "directions": 4,
+  "shared_context": true, "emb_scale": 0.1, "gather_distributed": true},
+ "augment": {"color_drop": 0.0, "color_drop_mode": "zero", "hflip": 0.5, "jitter": 1, "auto_augment": true,
+  "auto_augment_ops": ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+   "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX",
+   "ShearY", "TranslateXRel", "TranslateYRel"], "num_ops": 1, "magnitude": 5.0, "magnitude_std": 0.5,
+  "magnitude_max": 10.0, "auto_augment_prob": 0.5, "elastic": 0.0, "elastic_alpha": 50.0, "elastic_sigma": 5.0,
+  "color_jitter": [0.4, 0.4, 0.4, 0.1], "color_jitter_prob": 0.8, "interpolation": "bilinear",
+  "padding_mode": "reflection"},
+ "device": "cpu", "bf16": true, "channels_last": true, "compile": false, "grad_checkpointing": false, "out_dir": "OUT",
+ "resume": "auto", "save_every": 2, "keep_last": 3, "log_every": 1, "seed": 0, "progress": false}''')
+OLDER_CONFIG = dict(OLD_CONFIG, objective=dict(directions=4, offsets=[2, 3], context_hidden=16, context_blocks=3),
+                    augment=dict(color_drop=0.0, jitter=1, elastic=0.0, num_ops=1, magnitude=5.0))
+
+
+@pytest.mark.parametrize('old', [OLD_CONFIG, OLDER_CONFIG], ids=['dict-groups', 'partial-groups'])
+def test_old_checkpoint_config_resumes(old, tmp_path, capsys):
+    out = tmp_path / 'run'
+    argv = FAST + ['--save-every', '2', '--log-every', '1', '--out-dir', str(out)]
+    assert _run(argv + ['--max-steps', '4']) == 0
+    ckpt = out / 'checkpoints' / 'step_00000004'
+    (ckpt / 'config.json').write_text(json.dumps(dict(old, out_dir=str(out))))
+    loaded = config.from_dict(train.TrainConfig, json.loads((ckpt / 'config.json').read_text()))
+    assert loaded == train.build_config(argv + ['--max-steps', '6'])  # missing keys: today's defaults
+    rc, stdout, err = _run(argv + ['--max-steps', '6'], capsys)
+    assert rc == 0 and f'resumed from {ckpt} at step 4' in stdout
+    assert 'differs' not in err  # the same options: no key reported as changed
+    assert [m['step'] for m in _log(out)] == list(range(1, 7))
+    (out / 'checkpoints' / 'step_00000006' / 'config.json').write_text(json.dumps(dict(old, lr=0.005,
+                                                                                       out_dir=str(out))))
+    rc, _, err = _run(argv + ['--max-steps', '7'], capsys)
+    assert rc == 0 and "differs from the checkpoint's config in max_steps: 6 -> 7, lr: 0.005 -> 0.002" in err
 
 
 # ============ 6. a folder of images, with unreadable files ============
@@ -334,51 +394,55 @@ def test_image_folder_with_corrupt_files(tmp_path, capsys):
 
 def test_cli_overrides():
     cfg = train.build_config([
-        '--lr', '1e-3', '--batch-size', '12', '--max_steps', '5', '--objective.directions', '2',
+        '--lr', '1e-3', '--batch-size', '12', '--max_steps=5', '--objective.directions', '2',
         '--augment.hflip', '0', '--augment.auto_augment', 'false', '--objective.offsets', '[1, 2]',
-        '--betas', '[0.8, 0.9]', '--model_args', '{"stem_chs": 16}', '--bf16', 'off',
-        '--set', 'objective.target_dim=32', 'augment.jitter=2', 'seed=7', 'model_args.drop_path_rate=0.1'])
+        '--betas', '0.8,0.9', '--model_args', '{"stem_chs": 16}', '--no-bf16', '--progress',
+        '--objective.target-dim', '32', '--augment.jitter=2', '--seed', '7', '--model_args.drop_path_rate', '0.1'])
     assert isinstance(cfg, train.TrainConfig)
     assert (cfg.lr, cfg.batch_size, cfg.max_steps, cfg.betas, cfg.bf16, cfg.seed) == (1e-3, 12, 5, [0.8, 0.9], False, 7)
-    assert isinstance(cfg.batch_size, int) and isinstance(cfg.lr, float)
-    assert cfg.objective['directions'] == 2 and cfg.objective['offsets'] == [1, 2] and cfg.objective['target_dim'] == 32
-    assert cfg.objective['context_hidden'] == 64  # the preset's value survives
-    assert cfg.augment['hflip'] == 0.0 and cfg.augment['auto_augment'] is False and cfg.augment['jitter'] == 2
+    assert isinstance(cfg.batch_size, int) and isinstance(cfg.lr, float) and cfg.progress is True
+    assert cfg.objective == ObjectiveConfig(directions=2, offsets=[1, 2], target_dim=32, context_hidden=64,
+                                            context_blocks=3)  # the preset's context size survives
+    assert isinstance(cfg.augment, PatchAugmentConfig)
+    assert cfg.augment.hflip == 0.0 and cfg.augment.auto_augment is False and cfg.augment.jitter == 2
     assert cfg.model_args == {'stem_chs': 16, 'drop_path_rate': 0.1}
-    # a group as JSON updates the group
-    cfg = train.build_config(['--objective', '{"directions": 1}'])
-    assert cfg.objective['directions'] == 1 and cfg.objective['offsets'] == [2, 3]
+    # a group as JSON updates the group; negative numbers are values, not options
+    cfg = train.build_config(['--objective', '{"directions": 1}', '--lr', '-1e-3', '--warmup-steps=-1'])
+    assert cfg.objective.directions == 1 and cfg.objective.offsets == [2, 3]
+    assert cfg.lr == -1e-3 and cfg.warmup_steps == -1
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--bogus', '1'], 'unrecognized arguments: --bogus'),
-    (['--objective.bogus', '1'], 'unrecognized arguments: --objective.bogus'),
-    (['--batch', '8'], 'unrecognized arguments: --batch'),  # no silent abbreviations
-    (['--set', 'objective.nope=1'], 'unknown option --objective.nope; the objective group has: context_blocks'),
-    (['--set', 'nope=1'], 'unknown option --nope'),
-    (['--set', 'optimizer.lr=1'], 'unknown option --optimizer.lr'),
-    (['--set', 'lr'], 'expects KEY=VALUE'),
-    (['--lr', 'fast'], "--lr 'fast'"),
+    (['--bogus', '1'], 'unknown option --bogus'),
+    (['--objective.bogus', '1'], 'unknown option --objective.bogus; the objective group has: context_hidden'),
+    (['--batch', '8'], 'unknown option --batch (did you mean --batch-size'),  # no silent abbreviations
+    (['--optimizer.lr', '1'], 'unknown option --optimizer.lr'),
+    (['--objective', '{"nope": 1}'], 'unknown option --objective.nope; the objective group has'),
+    (['--lr'], '--lr expects a value (FLOAT)'),
+    (['--lr', 'fast'], "--lr 'fast': expected a number"),
     (['--batch-size', '8.5'], 'expects an integer'),
     (['--bf16', 'maybe'], 'expected true/false'),
     (['--objective', '[1]'], 'expects a JSON object'),
-    (['--preset', 'imagenet_r18'], "invalid choice: 'imagenet_r18'"),
+    (['--augment.hflip', '2'], 'augment.hflip: PatchAugmentConfig.hflip is a probability'),
+    (['--preset', 'imagenet_r18'], "invalid choice: 'imagenet_r18' (choose from imagenet_r161"),
+    (['stray'], "unexpected argument 'stray'"),
 ])
 def test_cli_rejects_unknown_or_bad_values(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.build_config(argv)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.startswith('usage: cpc-train'), err
 
 
 @pytest.mark.parametrize('preset', sorted(train.PRESETS))
 def test_presets_resolve_and_build(preset, tmp_path, capsys):
     cfg = train.build_config(['--preset', preset])
-    assert isinstance(cfg, train.TrainConfig)
-    aug = PatchAugmentConfig(**cfg.augment)  # validates every augmentation value
+    assert isinstance(cfg, train.TrainConfig) and cfg == train.preset_config(preset)
+    aug = cfg.augment  # a PatchAugmentConfig: every augmentation value validated
     with torch.device('meta'):  # the ImageNet encoders are large: shapes only
         encoder = timm.create_model(cfg.model, num_classes=0, **cfg.model_args)
-        objective = CPCObjective(encoder.num_features, **cfg.objective)
+        objective = CPCObjective(encoder.num_features, **dataclasses.asdict(cfg.objective))
     img = cfg.image_size or timm.data.resolve_model_data_config(encoder)['input_size'][-1]
     rows, cols = encoder.grid_size(img)
     objective.check_latents(torch.empty(2, encoder.num_features, rows, cols, device='meta'))  # grid fits the offsets
@@ -394,10 +458,20 @@ def test_presets_resolve_and_build(preset, tmp_path, capsys):
 def test_cpc_train_help():
     exe = Path(sys.executable).with_name('cpc-train')
     cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'cpc_models.train']
-    res = subprocess.run([*cmd, '--help'], env=_env(), capture_output=True, text=True, timeout=120)
+    res = subprocess.run([*cmd, '--preset', 'stl10_small', '--help'], env=_env(), capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr
-    for text in ('usage: cpc-train', '--preset', '--objective.directions', '--augment.hflip', '--set', 'torchrun'):
+    for text in ('usage: cpc-train', '--preset', '--objective.directions', '--augment.hflip', 'torchrun'):
         assert text in res.stdout
+    lines = res.stdout.splitlines()
+    groups = [line[:-1].split(':')[0] for line in lines if line and not line.startswith(' ') and ':' in line
+              and line.split(':')[0] in ('model', 'data', 'objective', 'augment', 'optimization', 'runtime',
+                                         'checkpoint')]
+    assert groups == ['model', 'data', 'optimization', 'objective', 'augment', 'runtime', 'checkpoint']
+    flags = [line.split()[0] for line in lines if line.startswith('  --')]
+    assert len(flags) == len(set(flags)) == len(config.options(train.TrainConfig())) + 1  # each once, + --preset
+    lr = next(line for line in lines if line.startswith('  --lr '))
+    assert 'peak learning rate' in lr and '(default: 0.001)' in lr  # one line, the chosen preset's default
 
 
 # ============ 8. export to a published folder, loaded back through the Hub code path ============
