@@ -11,6 +11,7 @@ from cpc_models.classifier import GRID_CLASSIFIER_SIZES, GridClassifier, grid_cl
 from cpc_models.data import fashion_mnist_dir
 from cpc_models.evaluate import (
     ARMS,
+    ArmInputs,
     EvalConfig,
     balanced_subset,
     check_targets,
@@ -87,11 +88,12 @@ def test_frozen_keeps_and_finetune_changes_encoder_weights(fmnist_dir):
     enc, _ = load_encoder('random', 'cpcv2_resnet_tiny', random_seed=0)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     feats = features_for(enc, data, True, 'extract', cfg)
-    rec = run_arm('cpc_frozen', 0.5, 0, data, cfg, enc, feats)
+    inputs = ArmInputs(data, cfg, cpc_encoder=enc, cpc_features=feats)
+    rec = run_arm('cpc_frozen', 0.5, 0, inputs)
     assert 0 <= rec['accuracy'] <= 1 and rec['config']['steps'] == 3
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
 
-    rec = run_arm('cpc_finetune', 0.5, 0, data, cfg, enc, feats)
+    rec = run_arm('cpc_finetune', 0.5, 0, inputs)
     tuned = rec['model'].encoder.state_dict()
     changed = [k for k in before if not torch.equal(before[k], tuned[k])]
     assert len(changed) > len(before) // 2, changed  # the encoder itself was trained ...
@@ -99,7 +101,9 @@ def test_frozen_keeps_and_finetune_changes_encoder_weights(fmnist_dir):
     assert rec['config']['encoder_lr_scale'] == cfg.finetune_encoder_lr_scale
 
     with pytest.raises(ValueError, match='Unknown arm'):
-        run_arm('cpc_magic', 0.5, 0, data, cfg, enc, feats)
+        run_arm('cpc_magic', 0.5, 0, inputs)
+    with pytest.raises(ValueError, match='random_linear needs random_features'):
+        run_arm('random_linear', 0.5, 0, inputs)
 
 
 # ---------------- targets ----------------
@@ -213,3 +217,37 @@ def test_merge_results_of_parallel_parts():
         merge_results([a, a])
     with pytest.raises(ValueError, match="different settings: \\['split'\\]"):
         merge_results([a, dict(b, config=dict(b['config'], split='val'))])
+
+
+# ---------------- the arm registry ----------------
+
+def test_an_arm_is_one_registered_function(tmp_path):
+    """A new line of the figure: one function, registered; runs and reports need nothing else."""
+    from cpc_models.evaluate import register_arm
+    from cpc_models.evaluate.data import EvalData, Features
+    from cpc_models.evaluate.figure1 import report
+
+    @register_arm('nearest_mean', 'CPC, nearest class mean', dict(color='tab:green', marker='x'),
+                  needs=('cpc_features',), cost=0)
+    def nearest_mean(inputs, labelled, seed, desc):
+        feats, y = inputs.cpc_features.pool[labelled], inputs.data.pool_y[labelled]
+        means = torch.stack([feats[y == c].mean(0) for c in range(inputs.data.num_classes)])
+        pred = torch.cdist(inputs.cpc_features.eval, means).argmin(1)
+        return dict(accuracy=float((pred == inputs.data.eval_y).float().mean()), config=dict(metric='euclidean'))
+
+    try:
+        g = torch.Generator().manual_seed(0)
+        y = torch.arange(4).repeat(25)
+        centres = 3 * torch.randn(4, 8, generator=g)
+        x = centres[y] + torch.randn(100, 8, generator=g)  # 4 separable classes
+        data = EvalData(torch.zeros(100, 1, 28, 28, dtype=torch.uint8), y, x[:0], y[:0], x[:0], y, 'val', 4)
+        inputs = ArmInputs(data, EvalConfig(progress=False), cpc_features=Features(x, x[:0], x))
+        rec = run_arm('nearest_mean', 0.2, 0, inputs)
+        assert rec['arm'] == 'nearest_mean' and rec['n_labels'] == 20 and rec['accuracy'] > 0.9
+        assert rec['config'] == dict(metric='euclidean')
+        payload = dict(config=dict(arms=['nearest_mean'], split='val', model='m', seeds=[0], val_size=0),
+                       runs=[rec], checkpoint={})
+        assert '| CPC, nearest class mean (`nearest_mean`) |' in report(tmp_path, payload)
+        assert (tmp_path / 'figure1.png').is_file() and (tmp_path / 'table.md').is_file()
+    finally:
+        ARMS.pop('nearest_mean', None)

@@ -1,0 +1,121 @@
+"""The data of one evaluation: class-balanced label subsets, the Fashion-MNIST splits, features extracted once."""
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from ..extract import extract_features
+from .eval_config import EvalConfig
+
+__all__ = ['balanced_subset', 'balanced_count', 'split_train_val', 'EvalData', 'load_eval_data', 'Features',
+           'features_for']
+
+
+# ============ label subsets ============
+
+def _per_class_sample(labels: torch.Tensor, counts: Dict[int, int], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    out = []
+    for c in sorted(counts):
+        idx = torch.nonzero(labels == c, as_tuple=True)[0]
+        out.append(idx[torch.randperm(len(idx), generator=g)[:counts[c]]])
+    return torch.sort(torch.cat(out)).values
+
+
+def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a class-balanced, seeded subset: round(fraction * n_c) images of each class c (at least 1).
+
+    The same (labels, fraction, seed) always gives the same indices; fraction 1 gives every index.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f'fraction must be in (0, 1], got {fraction}.')
+    labels = torch.as_tensor(labels)
+    classes, n_c = torch.unique(labels, return_counts=True)
+    counts = {int(c): max(1, int(round(fraction * int(n)))) for c, n in zip(classes, n_c, strict=True)}
+    return _per_class_sample(labels, counts, seed)
+
+
+def balanced_count(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Indices of about n images, each class in proportion to its frequency (at least 1 per class), seeded."""
+    labels = torch.as_tensor(labels)
+    if not 0 < n <= len(labels):
+        raise ValueError(f'Cannot take {n} of {len(labels)} images.')
+    classes, n_c = torch.unique(labels, return_counts=True)
+    counts = {int(c): max(1, int(round(n * int(k) / len(labels)))) for c, k in zip(classes, n_c, strict=True)}
+    return _per_class_sample(labels, counts, seed)
+
+
+def split_train_val(labels: torch.Tensor, val_size: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(pool, val): disjoint sorted indices; val is class-balanced with about val_size images."""
+    val = balanced_count(labels, val_size, seed)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[val] = False
+    return torch.nonzero(mask, as_tuple=True)[0], val
+
+
+# ============ the splits ============
+
+@dataclass
+class EvalData:
+    """Images and labels of the labelled pool, the validation split and the eval split (val or test)."""
+    pool_x: torch.Tensor
+    pool_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    split: str
+    num_classes: int = 10
+    pool_index: Optional[torch.Tensor] = None  # indices into the official training set
+    val_index: Optional[torch.Tensor] = None
+
+    @property
+    def eval_is_val(self) -> bool:
+        return self.split == 'val'
+
+
+def load_eval_data(cfg: EvalConfig) -> EvalData:
+    """Fashion-MNIST: pool = train minus val (optionally limited), eval = val or the (limited) test set."""
+    x, y = load_fashion_mnist('train', cfg.data_dir or None)
+    if cfg.val_size >= len(y):
+        raise ValueError(f'val_size {cfg.val_size} leaves no training images (the training set has {len(y)}).')
+    pool, val = split_train_val(y, cfg.val_size, cfg.val_seed)
+    if cfg.train_subset:
+        pool = pool[balanced_count(y[pool], min(cfg.train_subset, len(pool)), cfg.val_seed + 1)]
+    if cfg.split == 'val':
+        ex, ey = x[val], y[val]
+    else:
+        ex, ey = load_fashion_mnist('test', cfg.data_dir or None)
+        if cfg.eval_limit:
+            keep = balanced_count(ey, min(cfg.eval_limit, len(ey)), cfg.val_seed + 2)
+            ex, ey = ex[keep], ey[keep]
+    return EvalData(x[pool], y[pool], x[val], y[val], ex, ey, cfg.split, len(FASHION_MNIST_CLASSES), pool, val)
+
+
+# ============ features, extracted once per encoder ============
+
+@dataclass
+class Features:
+    """Pooled features (N, F) of pool, val and eval images; latent grids of pool and eval when kept."""
+    pool: torch.Tensor
+    val: torch.Tensor
+    eval: torch.Tensor
+    pool_grid: Optional[torch.Tensor] = None
+    eval_grid: Optional[torch.Tensor] = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+def features_for(enc: nn.Module, data: EvalData, keep_grid: bool, desc: str, cfg: EvalConfig) -> Features:
+    """Extract pooled (and optionally grid) features of pool, val and eval images once."""
+    t0, c0 = time.time(), time.process_time()
+    parts = [data.pool_x, data.val_x] + ([] if data.eval_is_val else [data.eval_x])
+    pooled, grid = extract_features(enc, torch.cat(parts), cfg.extract_batch, keep_grid, desc, cfg.progress)
+    n_p, n_v = len(data.pool_x), len(data.val_x)
+    ev = slice(n_p, n_p + n_v) if data.eval_is_val else slice(n_p + n_v, None)
+    return Features(pooled[:n_p], pooled[n_p:n_p + n_v], pooled[ev],
+                    grid[:n_p] if keep_grid else None, grid[ev] if keep_grid else None, time.time() - t0,
+                    time.process_time() - c0)

@@ -1,0 +1,72 @@
+"""``EvalConfig``: every value a ``cpc-eval figure1`` run depends on (written into results.json)."""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Tuple
+
+from ..classifier import GRID_CLASSIFIER_SIZES
+
+__all__ = ['EvalConfig', 'DEFAULT_FRACTIONS', 'DEFAULT_ARMS']
+
+DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+DEFAULT_ARMS = ('cpc_linear', 'cpc_frozen', 'scratch', 'random_linear')
+
+
+@dataclass
+class EvalConfig:
+    """Everything a Figure-1 run depends on; written into results.json. Options of ``cpc-eval figure1``."""
+    # ---- encoder ----
+    model: str = 'cpcv2_resnet_tiny'  # timm architecture (a 'name.tag' or checkpoint folder overrides it)
+    checkpoint: str = ''  # timm 'name.tag' | .safetensors file | checkpoint (or run) folder | published folder | random
+    model_args: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs, as JSON
+    # ---- runs ----
+    arms: Tuple[str, ...] = DEFAULT_ARMS  # comma list of the figure's lines (see cpc_models.evaluate.ARMS)
+    fractions: Tuple[float, ...] = DEFAULT_FRACTIONS  # labelled fractions of the pool, in (0, 1] (1% or 0.01)
+    seeds: Tuple[int, ...] = (0, 1, 2)  # seeds of the labelled subsets (and of inits and batch orders)
+    out: str = ''  # output folder: results.json, table.md, figure1.png
+    # ---- data ----
+    split: Literal['val', 'test'] = 'val'  # val: tuning (default); test: the final table, once
+    data_dir: str = ''  # Fashion-MNIST IDX folder ('' = $CPC_FASHION_MNIST_DIR or the Debian package's)
+    val_size: int = 5000  # validation images carved from the training set (class-balanced)
+    val_seed: int = 0  # seed of the validation split
+    train_subset: int = 0  # >0: limit the labelled pool to this many images (class-balanced; fast runs)
+    eval_limit: int = 0  # >0: evaluate on a class-balanced subset of this many images of the eval split
+    random_init_seed: int = 0  # the random encoder of random_linear (and of checkpoint='random')
+    extract_batch: int = 64  # larger batches cost more in page faults (sys time) than they save on CPU
+    # ---- linear probe ----
+    linear_wds: Tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)  # L2 penalty grid, picked on val
+    linear_max_iter: int = 100  # L-BFGS iterations per penalty
+    # ---- GridClassifier ----
+    classifier_size: str = 'small'  # tiny | small | paper (11 blocks)
+    classifier_drop: float = 0.1  # dropout before the classifier's linear layer
+    frozen_epochs: float = 30.0  # cpc_frozen: epochs over the labelled grids (capped by frozen_max_steps)
+    frozen_max_steps: int = 300  # cpc_frozen: step cap
+    frozen_batch: int = 128  # cpc_frozen: grids per step
+    frozen_lr: float = 1e-3  # cpc_frozen: AdamW peak learning rate
+    frozen_wd: float = 0.05  # cpc_frozen: AdamW weight decay
+    e2e_epochs: float = 30.0  # cpc_finetune, scratch: epochs over the labelled images (capped by e2e_max_steps)
+    e2e_max_steps: int = 150  # cpc_finetune, scratch: step cap
+    e2e_batch: int = 64  # cpc_finetune, scratch: images per step
+    e2e_lr: float = 5e-3  # picked on val: scratch, 2% labels, 150 steps (docs/evaluation.md)
+    e2e_wd: float = 0.05  # cpc_finetune, scratch: AdamW weight decay
+    finetune_encoder_lr_scale: float = 0.1  # cpc_finetune: encoder learning rate = e2e_lr * this
+    aug_pad: int = 2  # random crop with this padding, plus horizontal flip
+    warmup_frac: float = 0.05  # warm-up steps as a fraction of a run's steps
+    # ---- runtime ----
+    threads: int = 0  # torch.set_num_threads (0 = torch's default)
+    progress: bool = True  # progress bars
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value and what is allowed (arm names: figure1.check_config)."""
+        for f in self.fractions:
+            if not 0 < f <= 1:
+                raise ValueError(f'Label fraction {f} is outside (0, 1]; give fractions like 0.01 for 1%.')
+        if not self.fractions or not self.seeds:
+            raise ValueError('Give at least one fraction and one seed.')
+        if self.split not in ('val', 'test'):
+            raise ValueError(f"split must be 'val' or 'test', got '{self.split}'.")
+        if self.classifier_size not in GRID_CLASSIFIER_SIZES:
+            raise ValueError(f"Unknown classifier size '{self.classifier_size}'; "
+                             f"choose from {sorted(GRID_CLASSIFIER_SIZES)}.")
+        if self.val_size < 10:
+            raise ValueError(f'val_size must be >= 10 (one image per class), got {self.val_size}.')
+        if not self.linear_wds:
+            raise ValueError('linear_wds needs at least one value.')
