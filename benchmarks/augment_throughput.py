@@ -1,7 +1,7 @@
 """Throughput of the batched per-patch augmentation against per-patch PIL augmentation.
 
-PatchAugment (cpc_models/augment.py) augments a whole batch of patches on tensors. The baseline is the peers' way
-(rschwarz15/CPCV2-PyTorch): each patch converted to PIL, augmented with PIL ops one patch at a time (here
+PatchAugment (cpc_models/augment.py) augments a whole batch of patches on tensors. The baseline is the way of a
+public CPC v2 reimplementation (rschwarz15/CPCV2-PyTorch): each patch converted to PIL, augmented with PIL ops one patch at a time (here
 torchvision's RandomHorizontalFlip, timm's RandAugment 'rand-n2-m9-inc1', torchvision's ColorJitter
 with p=0.8 and RandomGrayscale p=0.25), then converted back and stacked. The baseline has no elastic deformation
 or jitter, so it does less work than PatchAugment's default config.

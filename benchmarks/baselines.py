@@ -1,11 +1,11 @@
 """The naive baselines, timed side by side with the batched code in the same run (benchmarks/run.py):
 
 1. encoder: a Python loop over patches (one trunk call per patch) vs one batched trunk call (forward_patches);
-2. augmentation: per-patch PIL (benchmarks/augment_throughput.py's peer-style pipeline, always on the CPU) vs
+2. augmentation: per-patch PIL (benchmarks/augment_throughput.py's pipeline, always on the CPU) vs
    PatchAugment on batched tensors (on the benchmark device);
-3. negatives: 16 sampled negatives per anchor gathered one anchor at a time (the peers' way) vs one logits
-   matmul against every target of the batch (CPCObjective), plus the same 16 sampled negatives in one batched
-   gather; each is the loss's forward + backward on the same predictions and targets.
+3. negatives: 16 sampled negatives per anchor gathered one anchor at a time (as public CPC v2 reimplementations
+   score them) vs one logits matmul against every target of the batch (CPCObjective), plus the same 16 sampled
+   negatives in one batched gather; each is the loss's forward + backward on the same predictions and targets.
 """
 import time
 from typing import Callable, Dict, List
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.augment_throughput import pil_baseline
-from benchmarks.cases import apply_mode, build_setup, loop_forward_patches, make_inference, make_train_step
+from benchmarks.cases import PatchLoopEncoder, apply_mode, build_setup, make_inference, make_train_step
 from benchmarks.common import measure
 from cpc_models.augment import PatchAugment, PatchAugmentConfig
+from cpc_models.train import CPCModel
 
 
 def _row(group: str, case: str, method: str, items: int, unit: str, m: Dict, baseline: bool) -> Dict:
@@ -36,15 +37,17 @@ def encoder_loop(variant: str, batch: int, grid, train: bool, ctx) -> List[Dict]
     n = batch * s.patches_per_image
     case = (f"{variant} {'training step' if train else 'inference'}, {batch} img x {s.geo['rows']}x{s.geo['cols']} "
             f"patches of {s.geo['patch']}px")
+    loop = PatchLoopEncoder(s.encoder)
     rows = []
-    for method, naive in (('one batched trunk call (forward_patches)', False),
-                          ('Python loop over patches (one trunk call each)', True)):
-        if naive:
-            s.encoder.forward_patches = loop_forward_patches(s.encoder)
-        fn = make_train_step(s, frozenset())[0] if train else make_inference(s, frozenset())
+    for method, encoder in (('one batched trunk call (forward_patches)', s.encoder),
+                            ('Python loop over patches (one trunk call each)', loop)):
+        naive = encoder is loop
+        if train:
+            fn = make_train_step(s, CPCModel(encoder, s.model.objective) if naive else None)[0]
+        else:
+            fn = make_inference(s, encoder)
         m = measure(fn, ctx.device, ctx.threads, ctx.min_run_time, ctx.repeats, label=case)
         rows.append(_row('encoder: batched vs per-patch loop', case, method, n, 'patches', m, naive))
-        s.encoder.__dict__.pop('forward_patches', None)
     del s
     return rows
 
@@ -95,7 +98,7 @@ def negatives(label: str, batch: int, rows: int, cols: int, directions: int, off
         logits = torch.einsum('ad,akd->ak', preds, targets[idx])
         F.cross_entropy(logits, torch.zeros(a, dtype=torch.long, device=dev)).backward()
 
-    def sampled_per_anchor():  # the peers' way: gather and score one anchor at a time
+    def sampled_per_anchor():  # as public reimplementations do: gather and score one anchor at a time
         preds.grad = targets.grad = None
         neg = torch.randint(n, (a, k_neg), generator=g, device=dev)
         losses = []
@@ -107,7 +110,7 @@ def negatives(label: str, batch: int, rows: int, cols: int, directions: int, off
     rows = []
     for method, fn, naive in ((f'all {n} targets, one logits matmul (ours)', all_targets, False),
                               (f'{k_neg} sampled negatives, one batched gather', sampled_batched, True),
-                              (f'{k_neg} sampled negatives, per-anchor gathers (peers)', sampled_per_anchor, True)):
+                              (f'{k_neg} sampled negatives, per-anchor gathers', sampled_per_anchor, True)):
         m = measure(fn, dev, ctx.threads, ctx.min_run_time, ctx.repeats, label=case)
         rows.append(_row('negatives: one logits matmul vs sampled per-anchor gathers', case, method, a, 'anchors',
                          m, naive))

@@ -1,23 +1,36 @@
-"""Building one benchmark case: a registered encoder + its preset's objective and augmentation, synthetic images,
-and the training step / inference call exactly as cpc_models/train.py runs them (patchify -> PatchAugment ->
-normalize -> encoder.forward_patches -> CPCObjective -> backward -> grad clip -> AdamW)."""
+"""Building one benchmark case: a registered encoder with its cpc-train preset (objective, augmentation, optimizer)
+on synthetic images, and the training step and inference call of cpc_models.train: the benchmarks time
+``train_step`` / ``build_optimizer`` themselves (patchify -> PatchAugment -> normalize -> encoder.forward_patches ->
+CPCObjective -> backward -> grad clip -> AdamW), never a copy."""
 import contextlib
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import cpc_models  # noqa: F401  (registers the architectures with timm)
-from cpc_models.augment import PatchAugment, PatchAugmentConfig
-from cpc_models.encoder import CPCResNetV2
+from cpc_models import config as C
 from cpc_models.objective import CPCObjective
 from cpc_models.patches import patchify
-from cpc_models.train import PRESETS, CPCModel
+from cpc_models.train import (
+    CPCModel,
+    TrainConfig,
+    build_model,
+    build_optimizer,
+    build_step_setup,
+    compile_trunk,
+    lr_at,
+    preset_config,
+    train_step,
+)
 
 VARIANTS = ('cpcv2_resnet161', 'cpcv2_resnet50', 'cpcv1_resnet101', 'cpcv2_resnet_small', 'cpcv2_resnet_tiny')
-# Objective and augmentation of each variant: its cpc-train preset (R-101 has none: the ImageNet R-50 recipe).
+# Objective, augmentation and optimizer of each variant: its cpc-train preset (R-101 has none: the ImageNet R-50 one).
 PRESET_OF = {'cpcv2_resnet161': 'imagenet_r161', 'cpcv2_resnet50': 'imagenet_r50', 'cpcv1_resnet101': 'imagenet_r50',
              'cpcv2_resnet_small': 'stl10_small', 'cpcv2_resnet_tiny': 'fmnist_tiny'}
 FLAGS = ('cl', 'ckpt', 'bf16', 'compile')  # channels_last, gradient checkpointing, bf16 autocast, torch.compile
@@ -50,18 +63,14 @@ def geometry(variant: str, grid: Optional[int] = None) -> Dict:
     return g
 
 
-def objective_kwargs(variant: str, rows: int, cols: int) -> Dict:
-    """The preset's objective; offsets that do not fit a (reduced) grid are dropped (or replaced by the largest)."""
-    kw = dict(PRESETS[PRESET_OF[variant]].get('objective', {}))
-    offsets = kw.get('offsets', (3,))
-    offsets = [offsets] if isinstance(offsets, int) else list(offsets)
-    fit = [k for k in offsets if k < min(rows, cols)]
-    kw['offsets'] = tuple(fit or [min(rows, cols) - 1])
-    return kw
-
-
-def augment_kwargs(variant: str) -> Dict:
-    return dict(PRESETS[PRESET_OF[variant]].get('augment', {}))
+def train_config(variant: str, rows: int, cols: int, flags: frozenset = frozenset()) -> TrainConfig:
+    """The variant's preset as a TrainConfig, with the mode's runtime switches; objective offsets that do not fit a
+    (reduced) grid are dropped (or replaced by the largest that fits)."""
+    cfg = preset_config(PRESET_OF[variant])
+    fit = [k for k in cfg.objective.offsets if k < min(rows, cols)]
+    return C.apply(cfg, dict(model=variant, objective=dict(offsets=fit or [min(rows, cols) - 1]),
+                             channels_last='cl' in flags, grad_checkpointing='ckpt' in flags,
+                             bf16='bf16' in flags, compile='compile' in flags))
 
 
 @dataclass
@@ -70,15 +79,14 @@ class Setup:
     device: torch.device
     batch: int
     geo: Dict
-    encoder: CPCResNetV2
-    objective: CPCObjective
+    cfg: TrainConfig  # the preset, with the runtime switches of the last apply_mode
     model: CPCModel
-    augment: PatchAugment
     images: torch.Tensor  # uint8 (B, C, H, W), synthetic
-    mean: torch.Tensor
-    std: torch.Tensor
-    gen: torch.Generator
-    extra: Dict = field(default_factory=dict)
+    compiled: bool = False
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
 
     @property
     def patches_per_image(self) -> int:
@@ -87,105 +95,92 @@ class Setup:
 
 def build_setup(variant: str, device: torch.device, batch: int, grid: Optional[int] = None, seed: int = 0) -> Setup:
     geo = geometry(variant, grid)
+    cfg = train_config(variant, geo['rows'], geo['cols'])
     torch.manual_seed(seed)
-    encoder = timm.create_model(variant, num_classes=0)
-    objective = CPCObjective(encoder.num_features, **objective_kwargs(variant, geo['rows'], geo['cols']))
-    model = CPCModel(encoder, objective).to(device)
+    model = build_model(cfg, device)
     g = torch.Generator(device=device).manual_seed(seed)
     images = torch.randint(0, 256, (batch, geo['in_chans'], geo['img_size'], geo['img_size']), generator=g,
                            device=device, dtype=torch.uint8)
-    return Setup(variant, device, batch, geo, encoder, objective, model,
-                 PatchAugment(PatchAugmentConfig(**augment_kwargs(variant))), images,
-                 torch.tensor(geo['mean'], device=device).view(1, -1, 1, 1),
-                 torch.tensor(geo['std'], device=device).view(1, -1, 1, 1), g)
+    return Setup(variant, device, batch, geo, cfg, model, images)
 
 
 def apply_mode(s: Setup, flags: frozenset) -> None:
-    """Switch gradient checkpointing, memory format and compilation of the trunk (as train.py does) in place."""
-    s.encoder.set_grad_checkpointing('ckpt' in flags)
-    s.model.to(memory_format=torch.channels_last if 'cl' in flags else torch.contiguous_format)
-    s.encoder.__dict__.pop('forward_trunk', None)
-    s.encoder.__dict__.pop('forward_patches', None)
-    if 'compile' in flags:
+    """Switch gradient checkpointing and memory format (reversible) and compile the trunk (one-way: compiled rows
+    run last on a setup) as cpc-train does for the same config values."""
+    s.cfg = train_config(s.variant, s.geo['rows'], s.geo['cols'], flags)
+    s.encoder.set_grad_checkpointing(s.cfg.grad_checkpointing)
+    s.model.to(memory_format=torch.channels_last if s.cfg.channels_last else torch.contiguous_format)
+    if s.cfg.compile and not s.compiled:
         torch._dynamo.reset()
-        s.encoder.forward_trunk = torch.compile(CPCResNetV2.forward_trunk.__get__(s.encoder))
+        compile_trunk(s.encoder)
+        s.compiled = True
 
 
-def _autocast(s: Setup, flags: frozenset):
-    if 'bf16' in flags and s.device.type == 'cuda':
+def _autocast(s: Setup):
+    if s.cfg.bf16 and s.device.type == 'cuda':
         return torch.autocast('cuda', dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def make_optimizer(s: Setup) -> torch.optim.Optimizer:
-    decay = [p for p in s.model.parameters() if p.ndim > 1]
-    no_decay = [p for p in s.model.parameters() if p.ndim <= 1]
-    return torch.optim.AdamW([dict(params=decay, weight_decay=1e-4), dict(params=no_decay, weight_decay=0.0)],
-                             lr=1e-5, fused=s.device.type == 'cuda')
-
-
-def make_train_step(s: Setup, flags: frozenset) -> Tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
-    """One training step as in train.py (synthetic uint8 images already on the device: no data loading)."""
-    optimizer = make_optimizer(s)
-    cl = 'cl' in flags
-    p_size, stride = s.encoder.patch_size, s.encoder.patch_stride
-    s.model.train()
+def make_train_step(s: Setup, model: Optional[CPCModel] = None) -> Tuple[Callable[[], torch.Tensor],
+                                                                         torch.optim.Optimizer]:
+    """cpc-train's step (train_step with build_optimizer and the preset's config, lr of the first step) on the
+    synthetic images already on the device: no data loading. ``model``: another CPCModel over the same parts."""
+    model = model or s.model
+    optimizer = build_optimizer(s.cfg, model)
+    setup = build_step_setup(s.cfg, s.encoder, s.device)
+    lr = lr_at(0, s.cfg, 1)
+    model.train()
 
     def step():
-        x = s.images.float().div_(255)
-        b = x.shape[0]
-        p = patchify(x, p_size, stride)
-        flat = s.augment(p.reshape(-1, *p.shape[3:]), s.gen)
-        flat = (flat - s.mean) / s.std
-        if cl:
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        with _autocast(s, flags):
-            out = s.model(flat.view(b, *p.shape[1:3], *flat.shape[1:]))
-        loss = out.loss
-        if not torch.isfinite(loss):  # train.py checks every step (a host sync on CUDA)
-            raise FloatingPointError(f'non-finite loss {loss.item()}')
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), 1.0)
-        optimizer.step()
-        return loss
+        return train_step(model, s.images, optimizer, setup, lr)[0].loss
     return step, optimizer
 
 
-def make_inference(s: Setup, flags: frozenset) -> Callable[[], torch.Tensor]:
+def make_inference(s: Setup, encoder: Optional[nn.Module] = None) -> Callable[[], torch.Tensor]:
     """Patch-grid inference: normalized images (B, C, H, W) -> latent grid (B, F, R, W) via forward_features."""
-    x = (s.images.float() / 255 - s.mean) / s.std
-    if 'cl' in flags:
+    encoder = encoder or s.encoder
+    setup = build_step_setup(s.cfg, s.encoder, s.device)
+    x = (s.images.float() / 255 - setup.mean) / setup.std
+    if s.cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     s.model.eval()
 
     def infer():
-        with torch.inference_mode(), _autocast(s, flags):
-            return s.encoder.forward_features(x)
+        with torch.inference_mode(), _autocast(s):
+            return encoder.forward_features(x)
     return infer
 
 
-def loop_forward_patches(encoder: CPCResNetV2) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Naive baseline: one trunk call per patch (a Python loop) instead of one batched call."""
-    def forward_patches(patches: torch.Tensor) -> torch.Tensor:
+class PatchLoopEncoder(nn.Module):
+    """Naive baseline: the same encoder, one trunk call per patch (a Python loop) instead of one batched call."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.patch_size, self.patch_stride = encoder.patch_size, encoder.patch_stride
+
+    def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
         b, rows, cols = patches.shape[:3]
         flat = patches.reshape(b * rows * cols, *patches.shape[3:])
-        z = torch.stack([encoder.forward_trunk(p.unsqueeze(0)).mean((2, 3))[0] for p in flat])
+        z = torch.stack([self.encoder.forward_trunk(p.unsqueeze(0)).mean((2, 3))[0] for p in flat])
         return z.reshape(b, rows, cols, -1).permute(0, 3, 1, 2)
-    return forward_patches
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_patches(patchify(x, self.patch_size, self.patch_stride))
 
 
 def count_flops(variant: str, shapes: Sequence[Tuple[int, int]]) -> Dict[Tuple[int, int], Dict]:
     """FLOPs (torch.utils.flop_counter: convolutions and matrix products, 2 per multiply-add) of the encoder's
     patch-grid forward and of a training step's forward + backward (encoder + objective; no recomputation,
     no augmentation), for each (batch, grid or 0 = native). Runs on fake tensors: no memory, no compute."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     out = {}
     with FakeTensorMode(allow_non_fake_inputs=True):
         encoder = timm.create_model(variant, num_classes=0)
         for batch, grid in shapes:
             g = geometry(variant, grid or None)
-            objective = CPCObjective(encoder.num_features, **objective_kwargs(variant, g['rows'], g['cols']))
+            cfg = train_config(variant, g['rows'], g['cols'])
+            objective = CPCObjective(encoder.num_features, **dataclasses.asdict(cfg.objective))
             x = torch.randn(batch, g['rows'], g['cols'], g['in_chans'], g['patch'], g['patch'])
             with FlopCounterMode(display=False) as fc:
                 encoder.forward_patches(x)

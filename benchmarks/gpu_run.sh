@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The CUDA benchmark run of cpc-models, prepared to fit one ~8-minute call on one H200 (docs/benchmarks.md).
+# The CUDA benchmark run of cpc-models, about 8 minutes on one H200 (docs/benchmarks.md).
 #
 #   bash benchmarks/gpu_run.sh                  # writes $OUT/cuda.json, cuda.md, cuda_log.txt (OUT default:
 #                                               # benchmarks/results); extra arguments go to benchmarks.run
 #
-# Through this workplace's device tool, from the repository root (no carry needed; the image has torch, timm,
-# safetensors, huggingface_hub, tqdm):   run(command="bash benchmarks/gpu_run.sh", timeout_s=560)
-# then copy files_at/cuda.{json,md} into benchmarks/results/.
+# Needs torch, timm, safetensors, huggingface_hub and tqdm; run from the repository root, then copy
+# $OUT/cuda.{json,md} into benchmarks/results/.
 #
-# Order of the work (benchmarks/run.py PROFILES['cuda']): ResNet-161 (the issue's >= 40% MFU target) and
+# Order of the work (benchmarks/run.py PRESETS['cuda']): ResNet-161 (the >= 40% MFU target) and
 # ResNet-50 first, then the naive baselines and the profile of one R-161 step, then R-101, small, tiny, and
 # torch.compile last. Work not started within --time-budget seconds is skipped and listed as skipped; the JSON
 # and Markdown are rewritten after every row, so a run cut short still returns what it measured.

@@ -1,18 +1,20 @@
-"""Where one training step's time goes: torch.profiler over a step of benchmarks.cases.make_train_step.
+"""Where one training step's time goes: torch.profiler over cpc_models.train.train_step (benchmarks.cases).
 
-Every profiled op is put in one bucket by its enclosing scope (record_function labels set here around the
-augmentation, the encoder, the objective, its context network, the backward pass and the optimizer); backward
-ops are traced back to the forward op that created them through the autograd sequence number, so the encoder's
-backward lands with the encoder, the logits' backward with the logits. Self time (CPU, or CUDA kernel time on
-CUDA) is summed per bucket, so nothing is counted twice.
+train_step and CPCModel label their parts with ``record_function`` (``cpc::augment``, ``cpc::encoder``,
+``cpc::objective``, ``cpc::backward``, ``cpc::optimizer``); here forward hooks add ``cpc::context`` around the
+context network. Every profiled op is put in one bucket by its enclosing label; backward ops are traced back to the
+forward op that created them through the autograd sequence number, so the encoder's backward lands with the
+encoder, the logits' backward with the logits. Self time (CPU, or CUDA kernel time on CUDA) is summed per bucket,
+so nothing is counted twice.
 """
-from typing import Dict
+from typing import Dict, List
 
 import torch
+import torch.nn as nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.cases import Setup, _autocast, make_optimizer
-from cpc_models.patches import patchify
+from benchmarks.cases import Setup, make_train_step
 
 BUCKETS = ('augmentation (patchify + PatchAugment + normalize)', 'encoder convolutions',
            'encoder norms, activations, other', 'context network', 'logits matmul + cross-entropy',
@@ -22,51 +24,37 @@ _LABELS = {'cpc::augment': 0, 'cpc::optimizer': 6}
 _BWD = 'autograd::engine::evaluate_function: '
 
 
-def _labelled(fn, name):
-    def wrapper(*args, **kwargs):
-        with record_function(name):
-            return fn(*args, **kwargs)
-    return wrapper
+def _label_forward(module: nn.Module, name: str) -> List:
+    """Forward hooks that put every call of ``module`` inside ``record_function(name)``; returns the handles."""
+    open_ranges = []
+
+    def enter(m, args):
+        open_ranges.append(record_function(name).__enter__())
+
+    def leave(m, args, out):
+        open_ranges.pop().__exit__(None, None, None)
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
 
-def profile_train_step(s: Setup, flags: frozenset, warmup: int = 2) -> Dict:
+def profile_train_step(s: Setup, warmup: int = 2) -> Dict:
     dev = s.device
-    optimizer = make_optimizer(s)
-    s.model.train()
-    s.objective.context.forward = _labelled(s.objective.context.forward, 'cpc::context')
-    cl = 'cl' in flags
-
-    def step():
-        with record_function('cpc::augment'):
-            x = s.images.float().div_(255)
-            b = x.shape[0]
-            p = patchify(x, s.encoder.patch_size, s.encoder.patch_stride)
-            flat = s.augment(p.reshape(-1, *p.shape[3:]), s.gen)
-            flat = (flat - s.mean) / s.std
-            if cl:
-                flat = flat.contiguous(memory_format=torch.channels_last)
-        with _autocast(s, flags):
-            with record_function('cpc::encoder'):
-                z = s.encoder.forward_patches(flat.view(b, *p.shape[1:3], *flat.shape[1:]))
-            with record_function('cpc::objective'):
-                loss = s.objective(z).loss
-        with record_function('cpc::backward'):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with record_function('cpc::optimizer'):
-            torch.nn.utils.clip_grad_norm_(s.model.parameters(), 1.0)
-            optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
-    if dev.type == 'cuda':
-        torch.cuda.synchronize(dev)
-    with profile(activities=activities) as prof:
-        step()
+    step, _ = make_train_step(s)
+    context = s.model.objective.context
+    handles = [h for m in (context.values() if isinstance(context, nn.ModuleDict) else [context])
+               for h in _label_forward(m, 'cpc::context')]
+    try:
+        for _ in range(warmup):
+            step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
         if dev.type == 'cuda':
             torch.cuda.synchronize(dev)
-    del s.objective.context.forward
+        with profile(activities=activities) as prof:
+            step()
+            if dev.type == 'cuda':
+                torch.cuda.synchronize(dev)
+    finally:
+        for h in handles:
+            h.remove()
     return summarize(prof, dev)
 
 
@@ -89,7 +77,6 @@ def _forward_bucket(chain) -> int:
 
 
 def summarize(prof, dev: torch.device) -> Dict:
-    from torch.autograd import DeviceType
     events = [e for e in prof.events() if e.device_type == DeviceType.CPU and not e.name.startswith('ProfilerStep')]
     cuda = dev.type == 'cuda'
 

@@ -16,55 +16,127 @@ a torch.profiler breakdown of one training step (benchmarks/profile_step.py). Se
 Big variants run on the CPU at batch 1 on a reduced square grid of the same patches (``--grid``); their
 'native-grid estimate' of images/s divides the measured patches/s by the native patch count.
 """
-import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, NamedTuple, Optional
 
+import timm
 import torch
 from torch.utils import benchmark
 
 from benchmarks import baselines as B
-from benchmarks.cases import (VARIANTS, apply_mode, build_setup, count_flops, geometry, make_inference,
-                              make_train_step, parse_mode)
+from benchmarks.cases import (
+    VARIANTS,
+    apply_mode,
+    build_setup,
+    count_flops,
+    geometry,
+    make_inference,
+    make_train_step,
+    parse_mode,
+)
 from benchmarks.common import machine_info, measure
 from benchmarks.profile_step import profile_train_step
+from cpc_models import config as C
+from cpc_models.atomic import write_text
 from cpc_models.augment import PatchAugmentConfig
 
 SCHEMA = 'cpc-models-benchmarks/1'
-H200_BF16_DENSE_TFLOPS = 790.0  # dense bf16 matrix rate of an H200 as measured on this workplace's machines
+H200_BF16_DENSE_TFLOPS = 790.0  # dense bf16 matmul rate of an H200 as measured (below the datasheet peak)
 RESULTS = Path(__file__).resolve().parent / 'results'
+PROG = 'python -m benchmarks.run'
+NEGATIVES = {  # name: (batch, rows, cols, directions, offsets) of the negatives baseline
+    'fmnist_tiny preset': (32, 6, 6, 4, (2, 3)),
+    'ImageNet, 64 img/GPU': (64, 6, 6, 4, (3,)),
+    'fmnist_tiny, 2 img': (2, 6, 6, 4, (2, 3)),
+}
+
+
+@dataclass
+class ProfileCase:
+    """The training step broken down by torch.profiler."""
+    variant: str = 'cpcv2_resnet_tiny'  # encoder
+    batch: int = 16  # images per step
+    mode: str = 'cl'  # 'base' or '+'-joined cl, ckpt, bf16, compile
+
+
+@dataclass
+class BaselineCases:
+    """The naive baselines timed beside the batched code (benchmarks/baselines.py)."""
+    loop_tiny_batch: int = 8  # images of the tiny encoder's per-patch loop comparison
+    loop_big_variant: str = ''  # a big encoder for the same comparison ('' = none)
+    loop_big_batch: int = 1  # its images per step
+    loop_big_grid: int = 0  # its reduced R x R grid (0 = native)
+    pil_imagenet_images: int = 0  # images of 36 80x80 RGB patches for the PIL augmentation comparison (0 = none)
+    negatives: List[str] = field(default_factory=lambda: ['fmnist_tiny preset'])  # cases of NEGATIVES
+
+
+@dataclass
+class BenchConfig:
+    """One run of the suite. Its presets are the machine kinds (--device cpu | cuda), plus --smoke on top."""
+    # ---- run ----
+    device: Literal['cpu', 'cuda'] = 'cpu'  # machine kind; picks the preset
+    smoke: bool = False  # tiny model only, few repeats (< 30 s): a schema check for the tests, not a measurement
+    out: str = str(RESULTS)  # folder for <name>.json and <name>.md
+    name: str = ''  # file name stem ('' = the device, '<device>_smoke' in smoke runs)
+    variants: List[str] = field(default_factory=list)  # subset of the registered variants ([] = those in order)
+    order: List[str] = field(default_factory=list)  # variants and the phases BASELINES, PROFILE, COMPILE, in order
+    # ---- cases ----
+    batch: Dict[str, int] = field(default_factory=dict)  # images per step, per variant (--batch.VARIANT N)
+    grid: Dict[str, int] = field(default_factory=dict)  # reduced R x R grid per variant (0 or absent = native)
+    infer_modes: List[str] = field(default_factory=lambda: ['base'])  # 'base' or '+'-joined cl, ckpt, bf16, compile
+    train_modes: List[str] = field(default_factory=lambda: ['base'])  # as infer_modes, for the training step
+    variant_infer_modes: Dict[str, List[str]] = field(default_factory=dict)  # per-variant infer_modes
+    variant_train_modes: Dict[str, List[str]] = field(default_factory=dict)  # per-variant train_modes
+    compile_variants: List[str] = field(default_factory=list)  # variants also timed with torch.compile, last
+    compile_infer_mode: str = 'compile'  # the inference mode of those rows
+    compile_train_mode: str = 'compile'  # the training mode of those rows
+    profile: ProfileCase = field(default_factory=ProfileCase)  # the profiled training step
+    baselines: BaselineCases = field(default_factory=BaselineCases)  # the naive baselines
+    skip_baselines: bool = False  # leave the baselines out
+    skip_profile: bool = False  # leave the profile out
+    # ---- timing ----
+    threads: int = 1  # torch threads
+    extra_threads: int = 0  # also time the first variant's first row at this many threads (0 = no)
+    min_run_time: float = 1.0  # seconds per measurement (torch.utils.benchmark blocked_autorange)
+    repeats: int = 1  # timed calls for steps slower than a third of min_run_time
+    time_budget: float = 660.0  # seconds; work not started by then is skipped and recorded as skipped
+    compile_min_left: float = 60.0  # seconds of the budget a torch.compile row needs left to start
+    flops_from: str = ''  # reuse FLOP counts of an earlier results JSON ('' = on CUDA, results/cpu.json if present)
+
 
 # Per machine kind: batch (and on the CPU a reduced grid) per variant, modes, order of the work.
-# 'BASELINES', 'PROFILE' and 'COMPILE' in `order` place those phases.
-PROFILES = {
+PRESETS: Dict[str, Dict] = {
     'cpu': dict(
         # 1 thread: on a shared 2-core machine under load, 2 OpenMP threads ran ~5x slower than 1 (their barriers
-        # wait for a descheduled thread); --extra-threads re-times one row at 2 threads to show it.
+        # wait for a descheduled thread); extra_threads re-times one row at 2 threads to show it.
         threads=1, extra_threads=2, compile_min_left=60.0, min_run_time=1.0, repeats=1, time_budget=660.0,
-        settings={'cpcv2_resnet161': dict(batch=1, grid=2, infer_modes=['base'], train_modes=['base', 'ckpt']),
-                  'cpcv2_resnet50': dict(batch=1, grid=3, infer_modes=['base', 'cl'], train_modes=['base', 'ckpt', 'cl']),
-                  'cpcv1_resnet101': dict(batch=1, grid=3, infer_modes=['base'], train_modes=['base', 'ckpt']),
-                  'cpcv2_resnet_small': dict(batch=4), 'cpcv2_resnet_tiny': dict(batch=16)},
+        batch={'cpcv2_resnet161': 1, 'cpcv2_resnet50': 1, 'cpcv1_resnet101': 1, 'cpcv2_resnet_small': 4,
+               'cpcv2_resnet_tiny': 16},
+        grid={'cpcv2_resnet161': 2, 'cpcv2_resnet50': 3, 'cpcv1_resnet101': 3},
+        variant_infer_modes={'cpcv2_resnet161': ['base'], 'cpcv2_resnet50': ['base', 'cl'],
+                             'cpcv1_resnet101': ['base']},
+        variant_train_modes={'cpcv2_resnet161': ['base', 'ckpt'], 'cpcv2_resnet50': ['base', 'ckpt', 'cl'],
+                             'cpcv1_resnet101': ['base', 'ckpt']},
         order=['cpcv2_resnet_tiny', 'cpcv2_resnet_small', 'BASELINES', 'PROFILE', 'cpcv2_resnet50',
                'cpcv2_resnet161', 'cpcv1_resnet101', 'COMPILE'],
         infer_modes=['base', 'cl'], train_modes=['base', 'ckpt', 'cl'],
         compile_variants=['cpcv2_resnet_tiny'], compile_infer_mode='compile', compile_train_mode='compile',
-        profile=dict(variant='cpcv2_resnet_tiny', batch=16, mode='cl'),  # train.py's defaults: channels_last
-        baselines=dict(loop_tiny_batch=8, loop_big=('cpcv2_resnet50', 1, 3), pil_imagenet_images=4,
-                       neg_sizes=[('fmnist_tiny preset', 32, 6, 6, 4, (2, 3)), ('ImageNet, 64 img/GPU', 64, 6, 6, 4, (3,))]),
+        profile=dict(variant='cpcv2_resnet_tiny', batch=16, mode='cl'),  # cpc-train's default: channels_last
+        baselines=dict(loop_tiny_batch=8, loop_big_variant='cpcv2_resnet50', loop_big_batch=1, loop_big_grid=3,
+                       pil_imagenet_images=4, negatives=['fmnist_tiny preset', 'ImageNet, 64 img/GPU']),
     ),
     'cuda': dict(
-        threads=8, extra_threads=None, compile_min_left=150.0, min_run_time=1.5, repeats=3, time_budget=420.0,
-        settings={'cpcv2_resnet161': dict(batch=32), 'cpcv2_resnet50': dict(batch=64),
-                  'cpcv1_resnet101': dict(batch=64), 'cpcv2_resnet_small': dict(batch=128),
-                  'cpcv2_resnet_tiny': dict(batch=256)},
+        threads=8, extra_threads=0, compile_min_left=150.0, min_run_time=1.5, repeats=3, time_budget=420.0,
+        batch={'cpcv2_resnet161': 32, 'cpcv2_resnet50': 64, 'cpcv1_resnet101': 64, 'cpcv2_resnet_small': 128,
+               'cpcv2_resnet_tiny': 256},
         order=['cpcv2_resnet161', 'cpcv2_resnet50', 'BASELINES', 'PROFILE', 'cpcv1_resnet101',
                'cpcv2_resnet_small', 'cpcv2_resnet_tiny', 'COMPILE'],
         infer_modes=['base', 'cl', 'bf16', 'bf16+cl'],
@@ -72,76 +144,46 @@ PROFILES = {
         compile_variants=['cpcv2_resnet161', 'cpcv2_resnet50'], compile_infer_mode='bf16+cl+compile',
         compile_train_mode='bf16+cl+compile',
         profile=dict(variant='cpcv2_resnet161', batch=32, mode='bf16+cl'),
-        baselines=dict(loop_tiny_batch=32, loop_big=('cpcv2_resnet50', 4, None), pil_imagenet_images=16,
-                       neg_sizes=[('fmnist_tiny preset', 32, 6, 6, 4, (2, 3)), ('ImageNet, 64 img/GPU', 64, 6, 6, 4, (3,))]),
+        baselines=dict(loop_tiny_batch=32, loop_big_variant='cpcv2_resnet50', loop_big_batch=4, loop_big_grid=0,
+                       pil_imagenet_images=16, negatives=['fmnist_tiny preset', 'ImageNet, 64 img/GPU']),
     ),
 }
 SMOKE = dict(
-    min_run_time=0.05, repeats=1, time_budget=25.0, extra_threads=None, compile_min_left=0.0,
-    settings={'cpcv2_resnet_tiny': dict(batch=2)},
+    min_run_time=0.05, repeats=1, time_budget=25.0, extra_threads=0, compile_min_left=0.0,
     order=['cpcv2_resnet_tiny', 'BASELINES', 'PROFILE'],
     infer_modes=['base', 'cl'], train_modes=['base', 'ckpt'], compile_variants=[],
     profile=dict(variant='cpcv2_resnet_tiny', batch=2, mode='base'),
-    baselines=dict(loop_tiny_batch=1, loop_big=None, pil_imagenet_images=0,
-                   neg_sizes=[('fmnist_tiny, 2 img', 2, 6, 6, 4, (2, 3))]),
+    baselines=dict(loop_tiny_batch=1, loop_big_variant='', pil_imagenet_images=0, negatives=['fmnist_tiny, 2 img']),
 )
 
 
-def _kv(items: Optional[List[str]], cast=int) -> Dict[str, int]:
-    out = {}
-    for item in items or []:
-        k, v = item.split('=', 1)
-        out[k] = cast(v)
-    return out
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog='python -m benchmarks.run', description=__doc__.splitlines()[0])
-    ap.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    ap.add_argument('--smoke', action='store_true', help='tiny model only, few repeats (< 30 s); for tests')
-    ap.add_argument('--out', default=str(RESULTS), help='folder for <name>.json and <name>.md')
-    ap.add_argument('--name', default=None, help='file name stem (default: the device, "<device>_smoke" in smoke)')
-    ap.add_argument('--variants', nargs='*', default=None, help=f'subset of {VARIANTS}')
-    ap.add_argument('--batch', nargs='*', metavar='VARIANT=N', help='override batch sizes')
-    ap.add_argument('--grid', nargs='*', metavar='VARIANT=R', help='reduced R x R grid (0 = native)')
-    ap.add_argument('--infer-modes', nargs='*', default=None)
-    ap.add_argument('--train-modes', nargs='*', default=None)
-    ap.add_argument('--compile-variants', nargs='*', default=None)
-    ap.add_argument('--threads', type=int, default=None, help='torch threads (cpu default 2)')
-    ap.add_argument('--min-run-time', type=float, default=None)
-    ap.add_argument('--repeats', type=int, default=None, help='timed calls for slow steps')
-    ap.add_argument('--time-budget', type=float, default=None,
-                    help='seconds; work not started by then is skipped and recorded as skipped')
-    ap.add_argument('--compile-min-left', type=float, default=None,
-                    help='seconds of budget a torch.compile row needs left to start')
-    ap.add_argument('--flops-from', default=None,
-                    help='reuse FLOP counts from an earlier results JSON (FLOPs do not depend on the machine); '
-                         'default on CUDA: benchmarks/results/cpu.json when present (saves ~1 min of device time)')
-    ap.add_argument('--skip-baselines', action='store_true')
-    ap.add_argument('--skip-profile', action='store_true')
-    return ap.parse_args(argv)
-
-
-def resolve(args) -> SimpleNamespace:
-    cfg = dict(PROFILES[args.device])
-    if args.smoke:
-        cfg.update(SMOKE)
-    cfg['settings'] = {k: dict(v) for k, v in cfg['settings'].items()}
-    for k, v in _kv(args.batch).items():
-        cfg['settings'].setdefault(k, {})['batch'] = v
-    for k, v in _kv(args.grid).items():
-        cfg['settings'].setdefault(k, dict(batch=1))['grid'] = v or None
-    for key in ('infer_modes', 'train_modes', 'compile_variants', 'threads', 'min_run_time', 'repeats',
-                'time_budget', 'compile_min_left'):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    variants = args.variants if args.variants is not None else [v for v in cfg['order'] if v in VARIANTS]
-    unknown = set(variants) - set(VARIANTS)
+def parse_config(argv=None) -> BenchConfig:
+    """Defaults, the device's preset (and SMOKE with --smoke), then the command line (cpc_models.config)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    kind = C.parse_args(BenchConfig(), [a for a in argv if a not in ('-h', '--help')], prog=PROG)
+    base = C.apply(BenchConfig(), PRESETS[kind.device])
+    if kind.smoke:
+        # only the tiny model: its batch alone, no reduced grids or per-variant modes
+        base = dataclasses.replace(C.apply(base, SMOKE), batch={'cpcv2_resnet_tiny': 2}, grid={},
+                                   variant_infer_modes={}, variant_train_modes={})
+    cfg = C.parse_args(base, argv, prog=PROG, description=__doc__.splitlines()[0])
+    unknown = set(cfg.variants) - set(VARIANTS)
     if unknown:
-        raise SystemExit(f'unknown variants {sorted(unknown)}; choose from {VARIANTS}')
-    cfg['variants'] = [v for v in cfg['order'] if v in variants] + [v for v in variants if v not in cfg['order']]
-    cfg['compile_variants'] = [v for v in cfg['compile_variants'] if v in cfg['variants']]
-    return SimpleNamespace(**cfg)
+        C.fail(PROG, f'--variants: unknown {sorted(unknown)}; choose from {", ".join(VARIANTS)}')
+    for mode in [*cfg.infer_modes, *cfg.train_modes, cfg.profile.mode, *sum(cfg.variant_infer_modes.values(), []),
+                 *sum(cfg.variant_train_modes.values(), [])]:
+        try:
+            parse_mode(mode)
+        except ValueError as e:
+            C.fail(PROG, str(e))
+    chosen = cfg.variants or [v for v in cfg.order if v in VARIANTS]
+    variants = [v for v in cfg.order if v in chosen] + [v for v in chosen if v not in cfg.order]
+    missing = [v for v in variants if v not in cfg.batch]
+    if missing:
+        C.fail(PROG, f'no batch size for {missing}; give --batch.VARIANT N')
+    return dataclasses.replace(cfg, variants=variants, compile_variants=[v for v in cfg.compile_variants
+                                                                         if v in variants],
+                               name=cfg.name or (f'{cfg.device}_smoke' if cfg.smoke else cfg.device))
 
 
 def peak_flops(device: torch.device, threads: int, smoke: bool) -> Dict:
@@ -167,23 +209,24 @@ def peak_flops(device: torch.device, threads: int, smoke: bool) -> Dict:
     return out
 
 
+class Context(NamedTuple):
+    """What every measurement of a run shares (benchmarks/baselines.py takes it too)."""
+    device: torch.device
+    threads: int
+    min_run_time: float
+    repeats: int
+
+
 class Suite:
-    def __init__(self, args, cfg):
-        self.args, self.cfg = args, cfg
-        self.device = torch.device(args.device)
+    def __init__(self, cfg: BenchConfig, command: str = ''):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + cfg.time_budget
-        self.out = Path(args.out)
-        self.name = args.name or (f'{args.device}_smoke' if args.smoke else args.device)
-        self.ctx = SimpleNamespace(device=self.device, threads=cfg.threads, min_run_time=cfg.min_run_time,
-                                   repeats=cfg.repeats)
-        self.doc = dict(schema=SCHEMA, device=args.device, smoke=args.smoke,
-                        command='PYTHONPATH=. python -m benchmarks.run ' + ' '.join(sys.argv[1:]),
-                        machine=machine_info(self.device, cfg.threads),
-                        settings=dict(threads=cfg.threads, min_run_time=cfg.min_run_time, repeats=cfg.repeats,
-                                      time_budget_s=cfg.time_budget, batches=cfg.settings,
-                                      infer_modes=cfg.infer_modes, train_modes=cfg.train_modes,
-                                      compile_variants=cfg.compile_variants, variants=cfg.variants),
+        self.out = Path(cfg.out)
+        self.ctx = Context(self.device, cfg.threads, cfg.min_run_time, cfg.repeats)
+        self.doc = dict(schema=SCHEMA, device=cfg.device, smoke=cfg.smoke, command=command,
+                        machine=machine_info(self.device, cfg.threads), config=C.to_dict(cfg),
                         peak={}, flops=[], results=[], baselines=[], profile=None, skipped=[], errors=[])
 
     def log(self, msg: str) -> None:
@@ -196,35 +239,34 @@ class Suite:
         self.doc['elapsed_s'] = time.monotonic() - self.t0
         self.doc['load_average_at_end'] = list(os.getloadavg())
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / f'{self.name}.json').write_text(json.dumps(self.doc, indent=2, default=str) + '\n')
-        (self.out / f'{self.name}.md').write_text(render_markdown(self.doc))
+        write_text(self.out / f'{self.cfg.name}.json', json.dumps(self.doc, indent=2, default=str) + '\n')
+        write_text(self.out / f'{self.cfg.name}.md', render_markdown(self.doc))
 
     # ---------------------------------------------------------------- phases
     def run(self) -> Dict:
         torch.set_num_threads(self.cfg.threads)
         self.log(f'peak: timing a large matmul on {self.device}')
-        self.doc['peak'] = peak_flops(self.device, self.cfg.threads, self.args.smoke)
+        self.doc['peak'] = peak_flops(self.device, self.cfg.threads, self.cfg.smoke)
         self.log(f"  {self.doc['peak']['matmul']}: {self.doc['peak']['measured_flops'] / 1e12:.3f} TFLOP/s")
         self.count_all_flops()
         self.save()
         for item in self.cfg.order:
-            if item == 'BASELINES' and not self.args.skip_baselines:
+            if item == 'BASELINES' and not self.cfg.skip_baselines:
                 self.baselines()
-            elif item == 'PROFILE' and not self.args.skip_profile:
+            elif item == 'PROFILE' and not self.cfg.skip_profile:
                 self.profile()
             elif item == 'COMPILE':
                 for v in self.cfg.compile_variants:
                     self.variant(v, [], [], compile_phase=True)
             elif item in self.cfg.variants:
-                st = self.cfg.settings[item]
-                self.variant(item, st.get('infer_modes', self.cfg.infer_modes),
-                             st.get('train_modes', self.cfg.train_modes), extra_threads=self.cfg.extra_threads
-                             if item == self.cfg.variants[0] else None)
+                self.variant(item, self.cfg.variant_infer_modes.get(item, self.cfg.infer_modes),
+                             self.cfg.variant_train_modes.get(item, self.cfg.train_modes),
+                             extra_threads=self.cfg.extra_threads if item == self.cfg.variants[0] else None)
             self.save()
         for v in self.cfg.variants:  # variants named on the command line but absent from the order
             if v not in self.cfg.order:
                 self.variant(v, self.cfg.infer_modes, self.cfg.train_modes)
-        if self.device.type == 'cpu' and not self.args.smoke:
+        if self.device.type == 'cpu' and not self.cfg.smoke:
             # The shared CPU's matmul rate drifts with the load: the peak is the faster of the two measurements.
             pk = self.doc['peak']
             pk['measured_flops_at_end'] = peak_flops(self.device, self.cfg.threads, False)['measured_flops']
@@ -234,12 +276,12 @@ class Suite:
             for r in self.doc['results']:
                 r['mfu'] = r['achieved_flops'] / pk['reference_flops']
         self.save()
-        self.log(f'wrote {self.out / self.name}.json and .md')
+        self.log(f'wrote {self.out / self.cfg.name}.json and .md')
         return self.doc
 
     def _earlier_flops(self) -> List[Dict]:
-        path = self.args.flops_from
-        if path is None and self.device.type == 'cuda' and not self.args.smoke:
+        path = self.cfg.flops_from
+        if not path and self.device.type == 'cuda' and not self.cfg.smoke:
             path = RESULTS / 'cpu.json'
         if not path or not Path(path).is_file():
             return []
@@ -248,22 +290,20 @@ class Suite:
         return earlier
 
     def count_all_flops(self) -> None:
-        ref = PROFILES['cuda']['settings']
+        ref = PRESETS['cuda']['batch']  # FLOPs per image are reported at the CUDA batch, on the native grid
         earlier = self._earlier_flops()
         for v in self.cfg.variants:
             t = time.monotonic()
-            s = self.cfg.settings[v]
-            ref_batch = s['batch'] if self.args.smoke else ref[v]['batch']
-            shapes = sorted({(ref_batch, 0), (s['batch'], s.get('grid') or 0)})
+            ref_batch = self.cfg.batch[v] if self.cfg.smoke else ref[v]
+            shapes = sorted({(ref_batch, 0), (self.cfg.batch[v], self.cfg.grid.get(v) or 0)})
             found = {(f['batch'], f['grid_arg']): f for f in earlier if f['variant'] == v}
             if all(k in found for k in shapes):
                 for k in shapes:
                     self.doc['flops'].append(dict(found[k], reference=k == (ref_batch, 0), source=str(
-                        self.args.flops_from or RESULTS / 'cpu.json')))
+                        self.cfg.flops_from or RESULTS / 'cpu.json')))
                 continue
             counts = count_flops(v, shapes)
             with torch.device('meta'):
-                import timm
                 params = sum(p.numel() for p in timm.create_model(v, num_classes=0).parameters())
             for (batch, grid), c in sorted(counts.items()):
                 self.doc['flops'].append(dict(variant=v, params=params, grid_arg=grid, native=grid == 0,
@@ -278,11 +318,11 @@ class Suite:
 
     def variant(self, v: str, infer_modes, train_modes, compile_phase: bool = False,
                 extra_threads: Optional[int] = None) -> None:
-        st = self.cfg.settings[v]
-        batch, grid = st['batch'], st.get('grid')
+        batch, grid = self.cfg.batch[v], self.cfg.grid.get(v)
         tasks = [('inference', m) for m in infer_modes] + [('train', m) for m in train_modes]
         if compile_phase:
             tasks = [('train', self.cfg.compile_train_mode), ('inference', self.cfg.compile_infer_mode)]
+        tasks.sort(key=lambda t: 'compile' in parse_mode(t[1]))  # compiling is one-way: those rows last
         tasks = [(k, m, self.cfg.threads) for k, m in tasks if not ('bf16' in parse_mode(m) and self.device.type != 'cuda')]
         if extra_threads and tasks and extra_threads != self.cfg.threads:
             tasks.insert(1, (tasks[0][0], tasks[0][1], extra_threads))  # the same row at another thread count
@@ -308,7 +348,7 @@ class Suite:
             flags = parse_mode(mode)
             try:
                 apply_mode(s, flags)
-                fn = make_train_step(s, flags)[0] if kind == 'train' else make_inference(s, flags)
+                fn = make_train_step(s)[0] if kind == 'train' else make_inference(s)
                 torch.set_num_threads(threads)
                 m = measure(fn, self.device, threads, self.cfg.min_run_time, self.cfg.repeats,
                             label=f'{v} {kind} {mode}', warmup=2 if 'compile' in flags else 1)
@@ -351,39 +391,37 @@ class Suite:
         ctx = self.ctx
         plan = []
         if 'cpcv2_resnet_tiny' in VARIANTS:
-            plan.append(lambda: B.encoder_loop('cpcv2_resnet_tiny', b['loop_tiny_batch'], None, False, ctx))
-            if not self.args.smoke:
-                plan.append(lambda: B.encoder_loop('cpcv2_resnet_tiny', b['loop_tiny_batch'], None, True, ctx))
-        if b['loop_big']:
-            v, bb, g = b['loop_big']
-            plan.append(lambda: B.encoder_loop(v, bb, g, False, ctx))
-        plan.append(lambda: B.augmentation(64 if not self.args.smoke else 2, 36, 1, 8, PatchAugmentConfig(jitter=1),
+            plan.append(lambda: B.encoder_loop('cpcv2_resnet_tiny', b.loop_tiny_batch, None, False, ctx))
+            if not self.cfg.smoke:
+                plan.append(lambda: B.encoder_loop('cpcv2_resnet_tiny', b.loop_tiny_batch, None, True, ctx))
+        if b.loop_big_variant:
+            plan.append(lambda: B.encoder_loop(b.loop_big_variant, b.loop_big_batch, b.loop_big_grid or None, False,
+                                               ctx))
+        plan.append(lambda: B.augmentation(64 if not self.cfg.smoke else 2, 36, 1, 8, PatchAugmentConfig(jitter=1),
                                            ctx))
-        if b['pil_imagenet_images']:
-            plan.append(lambda: B.augmentation(b['pil_imagenet_images'], 36, 3, 80, PatchAugmentConfig(), ctx))
-        for label, bs, r, c, d, offs in b['neg_sizes']:
+        if b.pil_imagenet_images:
+            plan.append(lambda: B.augmentation(b.pil_imagenet_images, 36, 3, 80, PatchAugmentConfig(), ctx))
+        for label in b.negatives:
+            bs, r, c, d, offs = NEGATIVES[label]
             plan.append(lambda label=label, bs=bs, r=r, c=c, d=d, offs=offs:
                         B.negatives(label, bs, r, c, d, offs, 64, 16, ctx))
         self.doc['baselines'] = B.run_all(plan, ctx, self.deadline, self.log)
 
     def profile(self) -> None:
         p = self.cfg.profile
-        if self.left() <= 0 or p['variant'] not in VARIANTS:
-            self.doc['skipped'].append(dict(variant=p['variant'], kind='profile', mode=p['mode'],
-                                            why='time budget spent'))
+        if self.left() <= 0 or p.variant not in VARIANTS:
+            self.doc['skipped'].append(dict(variant=p.variant, kind='profile', mode=p.mode, why='time budget spent'))
             return
-        self.log(f"profile: one {p['variant']} training step, batch {p['batch']}, mode {p['mode']}")
+        self.log(f"profile: one {p.variant} training step, batch {p.batch}, mode {p.mode}")
         try:
-            grid = self.cfg.settings.get(p['variant'], {}).get('grid')
-            s = build_setup(p['variant'], self.device, p['batch'], grid)
-            flags = parse_mode(p['mode'])
-            flags = frozenset(f for f in flags if not (f == 'bf16' and self.device.type != 'cuda'))
+            s = build_setup(p.variant, self.device, p.batch, self.cfg.grid.get(p.variant))
+            flags = frozenset(f for f in parse_mode(p.mode) if not (f == 'bf16' and self.device.type != 'cuda'))
             apply_mode(s, flags)
-            res = profile_train_step(s, flags)
+            res = profile_train_step(s)
         except Exception as e:  # noqa: BLE001
-            self._error(p['variant'], 'profile', p['mode'], e)
+            self._error(p.variant, 'profile', p.mode, e)
             return
-        res.update(variant=p['variant'], batch=p['batch'], mode=p['mode'], load_avg=os.getloadavg()[0])
+        res.update(variant=p.variant, batch=p.batch, mode=p.mode, load_avg=os.getloadavg()[0])
         self.doc['profile'] = res
         for r in res['buckets']:
             self.log(f"  {r['bucket']:48s} fwd {r['forward_ms']:8.1f} ms  bwd {r['backward_ms']:8.1f} ms  "
@@ -396,7 +434,7 @@ def _fmt_flops(x) -> str:
 
 
 def render_markdown(doc: Dict) -> str:
-    m, st, pk = doc['machine'], doc['settings'], doc['peak'] or {}
+    m, st, pk = doc['machine'], doc['config'], doc['peak'] or {}
     dev = doc['device']
     lines = [f"# cpc-models benchmarks: {dev}{' (smoke run, not a measurement)' if doc['smoke'] else ''}", '',
              f"Command: `{doc['command']}` (elapsed {doc.get('elapsed_s', 0):.0f} s).", '']
@@ -482,13 +520,13 @@ def render_markdown(doc: Dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == 'cuda' and not torch.cuda.is_available():
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(argv)
+    if cfg.device == 'cuda' and not torch.cuda.is_available():
         print('error: --device cuda but torch.cuda.is_available() is False', file=sys.stderr)
         return 2
     warnings.filterwarnings('ignore', message='CPCObjective got a batch of ONE image')
-    cfg = resolve(args)
-    Suite(args, cfg).run()
+    Suite(cfg, 'PYTHONPATH=. python -m benchmarks.run ' + ' '.join(argv)).run()
     return 0
 
 
