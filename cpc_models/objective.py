@@ -176,14 +176,14 @@ class CPCObjective(nn.Module):
             raise ValueError(f'CPCObjective got an empty batch (shape {tuple(z.shape)}).')
         rows, cols = z.shape[2], z.shape[3]
         k = max(self.offsets)
-        for d in self.directions:
-            length, axis = (rows, 'rows') if d in ('down', 'up') else (cols, 'cols')
+        lengths = {d: (rows, 'rows') if d in ('down', 'up') else (cols, 'cols') for d in self.directions}
+        for d, (length, axis) in lengths.items():
             if length <= k:
                 raise ValueError(
                     f'Latent grid {rows}x{cols} is too small for offsets={self.offsets} with '
                     f'directions={len(self.directions)}: predicting {k} steps {d} needs at least {k + 1} {axis}, '
-                    f'got {length}. Use smaller offsets (at most {min(rows, cols) - 1} here), fewer directions, or '
-                    f'a larger grid (larger images or a smaller patch stride).')
+                    f'got {length}. Use smaller offsets (at most {min(n for n, _ in lengths.values()) - 1} here), '
+                    f'fewer directions, or a larger grid (larger images or a smaller patch stride).')
 
     def frame_contexts(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Context of every direction in its own frame: {direction: (B, C, R', W')}, (R', W') = (R, W) or (W, R)."""

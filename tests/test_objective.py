@@ -12,36 +12,70 @@ from cpc_models.objective import CPCObjective
 STEP = {'down': (1, 0), 'up': (-1, 0), 'right': (0, 1), 'left': (0, -1)}
 
 
-def naive_cpc(obj: CPCObjective, z: torch.Tensor):
-    """The appendix's CPC loss written out anchor by anchor, in image coordinates.
+def frame_position(direction: str, i: int, j: int, rows: int, cols: int) -> tuple[int, int]:
+    """Where image position (i, j) lies in the frame of `direction`, whose rows run along the direction."""
+    return {'down': (i, j), 'up': (rows - 1 - i, j), 'right': (j, i), 'left': (cols - 1 - j, i)}[direction]
+
+
+def naive_contexts(obj: CPCObjective, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Context of every direction in image orientation, built pixel by pixel (not with the module's own frames).
+
+    The frame of a direction is the grid turned so that its rows run along the direction; the masked context
+    network runs on each frame on its own, and its output at frame (r, c) is the context of image (i, j).
+    """
+    B, C, R, W = z.shape
+    out = {}
+    for d in obj.directions:
+        shape = (R, W) if d in ('down', 'up') else (W, R)
+        frame = z.new_zeros(B, C, *shape)
+        for i in range(R):
+            for j in range(W):
+                r, c = frame_position(d, i, j, R, W)
+                frame[:, :, r, c] = z[:, :, i, j]
+        ctx = (obj.context if obj.shared_context else obj.context[d])(frame)
+        out[d] = z.new_zeros(B, ctx.shape[1], R, W)
+        for i in range(R):
+            for j in range(W):
+                r, c = frame_position(d, i, j, R, W)
+                out[d][:, :, i, j] = ctx[:, :, r, c]
+    return out
+
+
+def naive_cpc(obj: CPCObjective, z: torch.Tensor, contexts: dict[str, torch.Tensor] | None = None):
+    """The appendix's CPC loss written out anchor by anchor, in image coordinates and float64.
 
     For every direction d and offset k, each anchor (b, i, j) whose target (b, i + k*di, j + k*dj) is on the grid
     predicts emb_scale * W_dk c_d[b, :, i, j] and is scored against every target vector of the batch; the
     task loss is the mean cross-entropy over its anchors, the loss the mean over tasks.
-    Returns (loss, {task: accuracy}).
+    `contexts` ({direction: (B, C, R, W)}) defaults to :func:`naive_contexts`.
+    Returns (loss, {task: accuracy}, {(task, b, i, j): the anchor's term of its task's mean}).
     """
     B, _, R, W = z.shape
-    contexts = obj.context_grids(z)
+    contexts = naive_contexts(obj, z) if contexts is None else contexts
+    z, contexts = z.double(), {d: c.double() for d, c in contexts.items()}
     positions = [(b, i, j) for b in range(B) for i in range(R) for j in range(W)]
-    targets = torch.stack([obj.target_proj.weight @ z[b, :, i, j] + obj.target_proj.bias for b, i, j in positions])
-    task_losses, accs = [], {}
+    proj_w, proj_b = obj.target_proj.weight.double(), obj.target_proj.bias.double()
+    targets = torch.stack([proj_w @ z[b, :, i, j] + proj_b for b, i, j in positions])
+    task_losses, accs, terms = [], {}, {}
     for d in obj.directions:
         di, dj = STEP[d]
         for k in obj.offsets:
             head = obj.predictors[d][f'k{k}']
-            losses, hits = [], []
+            losses, hits, keys = [], [], []
             for b, i, j in positions:
                 ti, tj = i + k * di, j + k * dj
                 if not (0 <= ti < R and 0 <= tj < W):
                     continue
-                pred = obj.emb_scale * (head.weight @ contexts[d][b, :, i, j] + head.bias)
+                pred = obj.emb_scale * (head.weight.double() @ contexts[d][b, :, i, j] + head.bias.double())
                 logits = targets @ pred
                 label = positions.index((b, ti, tj))
                 losses.append(torch.logsumexp(logits, 0) - logits[label])
                 hits.append(float(logits.argmax().item() == label))
+                keys.append((f'{d}/k{k}', b, i, j))
             task_losses.append(torch.stack(losses).mean())
             accs[f'{d}/k{k}'] = sum(hits) / len(hits)
-    return torch.stack(task_losses).mean(), accs
+            terms.update({key: loss / len(losses) for key, loss in zip(keys, losses)})
+    return torch.stack(task_losses).mean(), accs, terms
 
 
 @pytest.mark.parametrize('directions', [1, 2, 4])
@@ -55,7 +89,7 @@ def test_matches_naive_loop(directions, shared_context):
 
     out = obj(z)
     grads = torch.autograd.grad(out.loss, params)
-    ref_loss, ref_acc = naive_cpc(obj, z)
+    ref_loss, ref_acc, _ = naive_cpc(obj, z)
     ref_grads = torch.autograd.grad(ref_loss, params)
 
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-10, rtol=0)
@@ -67,15 +101,39 @@ def test_matches_naive_loop(directions, shared_context):
     assert out.metrics['acc'].item() == pytest.approx(sum(ref_acc.values()) / len(ref_acc))
 
 
-def test_loss_depends_on_the_other_images():
-    """Negatives include the other images: changing image 1 changes the loss of anchors in image 0."""
+def _capture_context(obj: CPCObjective) -> list:
+    """Record every output of the (shared) context network during obj's forward passes."""
+    outputs = []
+    obj.context.register_forward_hook(lambda module, args, out: outputs.append(out))
+    return outputs
+
+
+def test_image0_anchors_are_scored_against_the_other_images():
+    """Image 0's anchors have image 1's positions among their negatives (Sec. 3.1), checked on their own terms.
+
+    Image 0's context reaches the loss only through image 0's anchors, so the gradient of the loss with respect to
+    it is the gradient of those anchors' terms alone: it must equal the naive loop's image-0 terms (scored against
+    all targets of the batch) and change when only image 1 changes.
+    """
     torch.manual_seed(0)
-    obj = CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(1,), directions=1).double()
+    obj = CPCObjective(8, context_hidden=8, context_blocks=1, target_dim=6, offsets=(1,), directions=1).double()
+    contexts = _capture_context(obj)
+
+    def image0_grad(z):
+        contexts.clear()
+        (grad,) = torch.autograd.grad(obj(z).loss, contexts[0])
+        _, _, terms = naive_cpc(obj, z, {'down': contexts[0]})
+        (ref,) = torch.autograd.grad(sum(t for (_, b, _, _), t in terms.items() if b == 0), contexts[0])
+        torch.testing.assert_close(grad[0], ref[0], atol=1e-12, rtol=0)
+        return grad[0]
+
     z = torch.randn(2, 8, 3, 3, dtype=torch.float64)
-    z2 = z.clone()
-    z2[1] += 1.0
-    out, out2 = obj(z), obj(z2)
-    assert not torch.allclose(out.loss, out2.loss)
+    z_other = z.clone()
+    z_other[1] = torch.randn(8, 3, 3, dtype=torch.float64)
+    g, g_other = image0_grad(z), image0_grad(z_other)
+    assert g[:, :2].abs().min() > 0  # rows 0 and 1 are anchors (offset 1 on 3 rows); row 2 is not
+    assert torch.equal(g[:, 2], torch.zeros_like(g[:, 2]))
+    assert (g - g_other).abs().max() > 1e-3 * g.abs().max()
 
 
 @pytest.mark.parametrize('grid', [(6, 6), (7, 7)])
@@ -104,17 +162,35 @@ def test_tiny_batch_can_be_overfitted():
     assert out.metrics['acc'].item() == 1.0
 
 
-def test_bf16_autocast_computes_the_loss_in_fp32():
+@pytest.mark.parametrize('latent_dtype', [torch.float32, torch.bfloat16])
+def test_bf16_autocast_keeps_targets_and_logits_in_fp32(latent_dtype):
+    """Under bf16 autocast the context network's convolutions run in bf16, but targets, predictions and logits
+    stay fp32.
+
+    The loss then equals a float64 computation from the same latents and contexts to < 5e-7 (and so does the
+    gradient reaching the contexts, relative to its size); with bf16 targets or logits (what autocast gives linear
+    and matmul) the loss is off by 1e-4 to 1e-3 and the gradient by ~5e-3, although autocast would still run the
+    cross-entropy itself in fp32. emb_scale=1 gives logits of a few units, so their bf16 rounding shows.
+    """
     torch.manual_seed(0)
-    obj = CPCObjective(32, context_hidden=32, context_blocks=2, offsets=(1, 2))
-    z = torch.randn(4, 32, 5, 6, requires_grad=True)
-    ref = obj(z).loss
+    obj = CPCObjective(32, context_hidden=32, context_blocks=2, target_dim=64, offsets=(1, 2), directions=1,
+                       emb_scale=1.0)
+    contexts = _capture_context(obj)
+    z = torch.randn(4, 32, 5, 6).to(latent_dtype).requires_grad_(True)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = obj(z)
-    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
-    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-2)
+    assert out.loss.dtype == torch.float32
+    ctx = contexts[0].detach().double().requires_grad_(True)
+    ref_loss, ref_acc, _ = naive_cpc(obj, z.detach(), {'down': ctx})
+    assert abs(out.loss.item() - ref_loss.item()) < 5e-6, (out.loss.item(), ref_loss.item())
+    for task, acc in ref_acc.items():
+        assert out.metrics[f'acc/{task}'].item() == pytest.approx(acc)
+    if latent_dtype == torch.float32:  # fp32 contexts, so an fp32 gradient to compare
+        (grad,) = torch.autograd.grad(out.loss, contexts[0], retain_graph=True)
+        (ref_grad,) = torch.autograd.grad(ref_loss, ctx)
+        assert (grad.double() - ref_grad).abs().max() < 1e-4 * ref_grad.abs().max()
     out.loss.backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all()
+    assert z.grad.dtype == latent_dtype and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -136,37 +212,136 @@ def test_cuda_bf16_matches_cpu():
 
 def test_too_small_grid_or_offset_raises():
     obj = CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(5,))
-    with pytest.raises(ValueError, match=r'4x4 is too small .* smaller offsets \(at most 3 here\)'):
+    with pytest.raises(ValueError) as e:
         obj(torch.randn(2, 8, 4, 4))
-    obj = CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(3,), directions=4)
-    with pytest.raises(ValueError, match='3 steps right needs at least 4 cols, got 3'):
+    assert str(e.value) == (
+        'Latent grid 4x4 is too small for offsets=(5,) with directions=4: predicting 5 steps down needs at least 6 '
+        'rows, got 4. Use smaller offsets (at most 3 here), fewer directions, or a larger grid (larger images or a '
+        'smaller patch stride).')
+    obj = CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(1, 3), directions=4)
+    with pytest.raises(ValueError, match=r'offsets=\(1, 3\) .* 3 steps right needs at least 4 cols, got 3\. '
+                                         r'Use smaller offsets \(at most 2 here\)'):
         obj(torch.randn(2, 8, 6, 3))
-    # Predicting only up and down, 3 columns are enough.
+    # Predicting only up and down, 3 columns are enough; rows limit the offsets.
     obj2 = CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(3,), directions=2)
     assert torch.isfinite(obj2(torch.randn(2, 8, 6, 3)).loss)
+    with pytest.raises(ValueError, match=r'3 steps down needs at least 4 rows, got 3\. .*at most 2 here'):
+        CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(1, 3), directions=2)(torch.randn(2, 8, 3, 9))
+    with pytest.raises(ValueError, match=r'3 steps down needs at least 4 rows, got 3\. .*at most 2 here'):
+        CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(3,), directions=1)(torch.randn(2, 8, 3, 1))
 
 
-def test_bad_inputs_and_config_raise():
+@pytest.mark.parametrize('z, message', [
+    (torch.randn(2, 8 * 16), 'CPCObjective expects a latent grid (B, C, rows, cols), got (2, 128); get one from the '
+                             'encoder with model.forward_features(images) (not forward(), which pools).'),
+    ([[1.0]], 'CPCObjective expects a latent grid (B, C, rows, cols), got list; get one from the encoder with '
+              'model.forward_features(images) (not forward(), which pools).'),
+    (torch.zeros(2, 8, 4, 4, dtype=torch.long), 'CPCObjective expects floating-point latents, got dtype torch.int64.'),
+    (torch.randn(2, 9, 4, 5), 'CPCObjective was built for 8 latent channels, got 9 (shape (2, 9, 4, 5)); build it '
+                              'with CPCObjective(model.num_features, ...).'),
+    (torch.randn(0, 8, 4, 4), 'CPCObjective got an empty batch (shape (0, 8, 4, 4)).'),
+], ids=['flat', 'list', 'int', 'channels', 'empty'])
+def test_bad_latents_raise_clear_errors(z, message):
     obj = CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(1,))
-    with pytest.raises(ValueError, match=r'CPCObjective\(model.num_features'):
-        obj(torch.randn(2, 9, 4, 4))
-    with pytest.raises(ValueError, match='forward_features'):
-        obj(torch.randn(2, 8 * 16))
-    with pytest.raises(ValueError, match='directions must be 1'):
-        CPCObjective(8, directions=3)
-    with pytest.raises(ValueError, match='distinct positive integers'):
-        CPCObjective(8, offsets=(0, 1))
-    with pytest.raises(ValueError, match='distinct positive integers'):
-        CPCObjective(8, offsets=())
+    with pytest.raises(ValueError) as e:
+        obj(z)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(directions=3), 'directions must be 1 (top-to-bottom), 2 (+ bottom-to-top) or 4 (+ left/right), got 3.'),
+    (dict(offsets=(0, 1)), 'offsets must be a non-empty sequence of distinct positive integers (rows ahead to '
+                           "predict), got (0, 1); e.g. offsets=(3,) as in the paper's pseudo-code."),
+    (dict(offsets=()), 'offsets must be a non-empty sequence of distinct positive integers'),
+    (dict(offsets=(2, 2)), 'offsets must be a non-empty sequence of distinct positive integers'),
+    (dict(offsets=(1.5,)), 'offsets must be a non-empty sequence of distinct positive integers'),
+    (dict(offsets=-1), 'offsets must be a non-empty sequence of distinct positive integers'),
+    (dict(latent_channels=0), 'latent_channels (0) and target_dim (64) must be positive; pass '
+                              'latent_channels=model.num_features.'),
+    (dict(target_dim=0), 'latent_channels (8) and target_dim (0) must be positive'),
+    (dict(emb_scale=0.0), 'emb_scale must be positive (0.1 in the paper), got 0.0.'),
+    (dict(emb_scale=-0.1), 'emb_scale must be positive'),
+], ids=['directions', 'offset-0', 'no-offsets', 'duplicate', 'fraction', 'negative-int', 'channels', 'target-dim',
+        'emb-scale-0', 'emb-scale-negative'])
+def test_bad_config_raises_clear_errors(kwargs, message):
+    kwargs = {'latent_channels': 8, **kwargs}
+    with pytest.raises(ValueError) as e:
+        CPCObjective(**kwargs)
+    assert str(e.value).startswith(message)
+
+
+def test_smallest_valid_config_and_int_offset():
+    obj = CPCObjective(1, context_hidden=1, context_blocks=1, target_dim=1, offsets=2, directions=1, emb_scale=1e-3)
+    assert obj.offsets == (2,)
+    assert torch.isfinite(obj(torch.randn(2, 1, 3, 1)).loss)
+
+
+def test_defaults_are_the_papers():
+    """Appendix pseudo-code: 5 residual blocks of width 256, 64-d targets, emb_scale 0.1, one offset of 3 rows;
+    Sec. 4.1: four directions. One shared context network, gathering across ranks."""
+    obj = CPCObjective(16)
+    assert obj.offsets == (3,) and obj.directions == objective.DIRECTIONS and obj.emb_scale == 0.1
+    assert obj.shared_context and obj.gather_distributed
+    assert len(obj.context.blocks) == 5 and all(b.conv2.out_channels == 256 for b in obj.context.blocks)
+    assert obj.target_dim == 64 and obj.target_proj.out_features == 64
+    assert all(h.out_features == 64 for heads in obj.predictors.values() for h in heads.values())
+    assert obj.extra_repr() == (
+        "offsets=(3,), directions=('down', 'up', 'right', 'left'), shared_context=True, "
+        'emb_scale=0.1, gather_distributed=True')
+
+
+@pytest.mark.parametrize('shared_context', [True, False])
+def test_context_width_and_depth_follow_the_config(shared_context):
+    obj = CPCObjective(6, context_hidden=12, context_blocks=3, target_dim=5, offsets=(1, 2), directions=2,
+                       shared_context=shared_context)
+    nets = [obj.context] if shared_context else [obj.context[d] for d in ('down', 'up')]
+    assert shared_context or set(obj.context) == {'down', 'up'}
+    for net in nets:
+        assert len(net.blocks) == 3
+        assert all(b.conv1.out_channels == 12 and b.conv4.out_channels == 6 for b in net.blocks)
+    assert set(obj.predictors) == {'down', 'up'}
+    assert all(set(heads) == {'k1', 'k2'} for heads in obj.predictors.values())
+
+
+@pytest.mark.parametrize('leading', [(), (3,), (2, 3, 1)])
+@pytest.mark.parametrize('direction', objective.DIRECTIONS)
+def test_to_frame_turns_the_grid_along_the_direction(direction, leading):
+    """Frame (r, c) holds image (i, j) at :func:`frame_position`, for any leading dimensions; from_frame undoes it."""
+    R, W = 3, 4
+    x = torch.arange(math.prod(leading) * R * W).view(*leading, R, W)
+    frame = objective.to_frame(x, direction)
+    assert frame.shape == (*leading, *((R, W) if direction in ('down', 'up') else (W, R)))
+    for i in range(R):
+        for j in range(W):
+            r, c = frame_position(direction, i, j, R, W)
+            assert torch.equal(frame[..., r, c], x[..., i, j])
+    assert torch.equal(objective.from_frame(frame, direction), x)
+
+
+def test_unknown_direction_raises():
+    for fn in (objective.to_frame, objective.from_frame):
+        with pytest.raises(ValueError) as e:
+            fn(torch.zeros(2, 2), 'diagonal')
+        assert str(e.value) == "Unknown direction 'diagonal'; use one of ('down', 'up', 'right', 'left')."
+
+
+SINGLE_IMAGE_WARNING = (
+    'CPCObjective got a batch of ONE image: its only negatives are other positions of the same image, not other '
+    "images (Hénaff et al. 2020, Sec. 3.1). Use at least 2 images per step for the paper's objective. "
+    '(Warned once per process.)')
 
 
 def test_single_image_batch_warns_once(monkeypatch):
     monkeypatch.setattr(objective, '_warned_single_image', False)
     obj = CPCObjective(8, context_hidden=8, context_blocks=1, offsets=(1,))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        out = obj(torch.randn(1, 8, 3, 3))
-        obj(torch.randn(1, 8, 3, 3))
-        obj(torch.randn(2, 8, 3, 3))
-    assert [str(w.message).startswith('CPCObjective got a batch of ONE image') for w in caught] == [True]
-    assert torch.isfinite(out.loss)
+
+    def warnings_of(batch):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            out = obj(torch.randn(batch, 8, 3, 3))
+        assert torch.isfinite(out.loss)
+        return [(w.category, str(w.message)) for w in caught]
+
+    assert warnings_of(2) == []
+    assert warnings_of(1) == [(UserWarning, SINGLE_IMAGE_WARNING)]
+    assert warnings_of(1) == []  # once per process

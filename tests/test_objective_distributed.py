@@ -9,6 +9,7 @@ applies when the input gradient reaches the encoder's parameters, which the tiny
 """
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from cpc_models import objective
 from cpc_models.distributed import gather_with_grad, init_distributed, is_main_process, world_size
 from cpc_models.objective import CPCObjective
 
@@ -58,9 +60,15 @@ def _worker(rank, port, out_dir):
     shard = torch.full((2, 3), float(rank + 1), requires_grad=True)
     gathered = gather_with_grad(shard)
     (gathered * (rank + 1)).sum().backward()
+    # One image per rank is a global batch of two: its negatives include the other rank's image, no warning.
+    objective._warned_single_image = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        model.objective(model.encoder(x.detach()[:1]))
     torch.save(dict(loss=out.loss.detach(), acc=out.metrics['acc'], x_grad=x.grad,
                     grads={n: p.grad for n, p in model.named_parameters()},
-                    gathered=gathered.detach(), shard_grad=shard.grad), os.path.join(out_dir, f'rank{rank}.pt'))
+                    gathered=gathered.detach(), shard_grad=shard.grad,
+                    one_image_warnings=[str(w.message) for w in caught]), os.path.join(out_dir, f'rank{rank}.pt'))
     dist.destroy_process_group()
 
 
@@ -113,6 +121,10 @@ def test_gather_with_grad_orders_by_rank_and_sums_gradients(ranks):
         torch.testing.assert_close(r['gathered'], expected)
         # rank s's loss is (s + 1) * sum(gathered): every shard receives 1 + 2 from the two ranks.
         torch.testing.assert_close(r['shard_grad'], torch.full((2, 3), 3.0))
+
+
+def test_one_image_per_rank_is_not_a_single_image_batch(ranks):
+    assert [r['one_image_warnings'] for r in ranks] == [[], []]
 
 
 def test_single_process_helpers_are_no_ops():
