@@ -413,8 +413,9 @@ class PatchAugment(nn.Module):
         m = torch.eye(c, device=dev, dtype=dt).expand(n, c, c).clone()
         o = torch.zeros(n, c, device=dev, dtype=dt)
 
-        def factor(r):
-            return (1 - r + 2 * r * rand((n,))).clamp(min=0).to(dt).view(n, 1, 1)  # U[max(0, 1 - r), 1 + r]
+        def factor(r):  # U[max(0, 1 - r), 1 + r]
+            u = rand((n,))
+            return (1 - r + 2 * r * u if r <= 1 else (1 + r) * u).to(dt).view(n, 1, 1)
 
         if b > 0:
             m = m * factor(b)
