@@ -108,6 +108,18 @@ def _capture_context(obj: CPCObjective) -> list:
     return outputs
 
 
+@pytest.mark.parametrize('shared_context', [True, False])
+def test_context_grids_match_frames_built_pixel_by_pixel(shared_context):
+    torch.manual_seed(0)
+    obj = CPCObjective(5, context_hidden=6, context_blocks=2, offsets=(1,), directions=4,
+                       shared_context=shared_context).double()
+    z = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    grids, ref = obj.context_grids(z), naive_contexts(obj, z)
+    assert list(grids) == list(ref) == list(objective.DIRECTIONS)
+    for d in grids:
+        torch.testing.assert_close(grids[d], ref[d], atol=1e-12, rtol=0)
+
+
 def test_image0_anchors_are_scored_against_the_other_images():
     """Image 0's anchors have image 1's positions among their negatives (Sec. 3.1), checked on their own terms.
 
@@ -191,6 +203,18 @@ def test_bf16_autocast_keeps_targets_and_logits_in_fp32(latent_dtype):
         assert (grad.double() - ref_grad).abs().max() < 1e-4 * ref_grad.abs().max()
     out.loss.backward()
     assert z.grad.dtype == latent_dtype and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_every_tensor_is_made_on_the_latents_device():
+    """With another default device (here 'meta'), CPU latents still give the same CPU loss."""
+    torch.manual_seed(0)
+    obj = CPCObjective(8, context_hidden=8, context_blocks=1, target_dim=6, offsets=(1, 2), directions=4)
+    z = torch.randn(2, 8, 3, 4)
+    ref = obj(z)
+    with torch.device('meta'):
+        out = obj(z)
+    assert out.loss.device.type == 'cpu' and torch.equal(out.loss, ref.loss)
+    assert all(torch.equal(out.metrics[k], v) for k, v in ref.metrics.items())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

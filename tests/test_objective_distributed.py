@@ -45,6 +45,15 @@ def _build():
     return model, x
 
 
+def _recording_warnings(forward):
+    """Run forward() with the single-image warning re-armed; return its output and the warnings it raised."""
+    objective._warned_single_image = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        out = forward()
+    return out, [str(w.message) for w in caught]
+
+
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
@@ -54,21 +63,21 @@ def _worker(rank, port, out_dir):
     model, x = _build()
     ddp = nn.parallel.DistributedDataParallel(model)
     x = x.chunk(WORLD)[rank].clone().requires_grad_(True)
-    out = ddp(x)
+    out, warned = _recording_warnings(lambda: ddp(x))
     out.loss.backward()
     # gather_with_grad on its own: forward order and backward sum over ranks.
     shard = torch.full((2, 3), float(rank + 1), requires_grad=True)
     gathered = gather_with_grad(shard)
     (gathered * (rank + 1)).sum().backward()
-    # One image per rank is a global batch of two: its negatives include the other rank's image, no warning.
-    objective._warned_single_image = False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        model.objective(model.encoder(x.detach()[:1]))
+    # One image per rank: a global batch of two; without gathering, a batch of one image on each rank.
+    one, one_warned = _recording_warnings(lambda: model.objective(model.encoder(x.detach()[:1])))
+    model.objective.gather_distributed = False
+    local, local_warned = _recording_warnings(lambda: model.objective(model.encoder(x.detach()[:1])))
     torch.save(dict(loss=out.loss.detach(), acc=out.metrics['acc'], x_grad=x.grad,
                     grads={n: p.grad for n, p in model.named_parameters()},
                     gathered=gathered.detach(), shard_grad=shard.grad,
-                    one_image_warnings=[str(w.message) for w in caught]), os.path.join(out_dir, f'rank{rank}.pt'))
+                    warnings=warned, one_image_loss=one.loss.detach(), one_image_warnings=one_warned,
+                    local_loss=local.loss.detach(), local_warnings=local_warned), os.path.join(out_dir, f'rank{rank}.pt'))
     dist.destroy_process_group()
 
 
@@ -123,8 +132,25 @@ def test_gather_with_grad_orders_by_rank_and_sums_gradients(ranks):
         torch.testing.assert_close(r['shard_grad'], torch.full((2, 3), 3.0))
 
 
-def test_one_image_per_rank_is_not_a_single_image_batch(ranks):
-    assert [r['one_image_warnings'] for r in ranks] == [[], []]
+def test_one_image_per_rank_is_a_global_batch_of_two(ranks):
+    """Its negatives include the other rank's image: the rank losses average to the single-process loss of the
+    two images, and the single-image warning stays silent on every rank (as it does for two images per rank)."""
+    model, x = _build()
+    ref, warned = _recording_warnings(lambda: model(x[::GLOBAL_BATCH // WORLD]))  # the first image of each shard
+    assert warned == []
+    torch.testing.assert_close(torch.stack([r['one_image_loss'] for r in ranks]).mean(), ref.loss.detach(),
+                               atol=1e-10, rtol=0)
+    assert [r['one_image_warnings'] for r in ranks] == [[], []] and [r['warnings'] for r in ranks] == [[], []]
+
+
+def test_without_gathering_each_rank_contrasts_its_own_images(ranks):
+    """gather_distributed=False: a rank's loss is the single-process loss of its own shard (here one image, which
+    then warns)."""
+    model, x = _build()
+    for rank, r in enumerate(ranks):
+        ref, warned = _recording_warnings(lambda: model(x.chunk(WORLD)[rank][:1]))
+        torch.testing.assert_close(r['local_loss'], ref.loss.detach(), atol=1e-10, rtol=0)
+        assert len(warned) == 1 and r['local_warnings'] == warned
 
 
 def test_single_process_helpers_are_no_ops():
