@@ -77,7 +77,8 @@ def _worker(rank, port, out_dir):
                     grads={n: p.grad for n, p in model.named_parameters()},
                     gathered=gathered.detach(), shard_grad=shard.grad,
                     warnings=warned, one_image_loss=one.loss.detach(), one_image_warnings=one_warned,
-                    local_loss=local.loss.detach(), local_warnings=local_warned), os.path.join(out_dir, f'rank{rank}.pt'))
+                    local_loss=local.loss.detach(), local_warnings=local_warned),
+               os.path.join(out_dir, f'rank{rank}.pt'))
     dist.destroy_process_group()
 
 
