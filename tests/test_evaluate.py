@@ -8,7 +8,6 @@ import torch
 
 import cpc_models  # noqa: F401
 from cpc_models.classifier import GRID_CLASSIFIER_SIZES, GridClassifier, grid_classifier_kwargs
-from cpc_models.data import fashion_mnist_dir
 from cpc_models.evaluate import (
     ARMS,
     ArmInputs,
@@ -22,12 +21,6 @@ from cpc_models.evaluate import (
     run_arm,
     split_train_val,
 )
-
-
-@pytest.fixture(scope='module')
-def fmnist_dir():
-    # No skip: CI installs the dataset (.ci/run); without it this test must fail, saying why.
-    return fashion_mnist_dir()
 
 
 # ---------------- label subsets ----------------
