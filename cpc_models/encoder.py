@@ -40,8 +40,11 @@ from .patches import check_images, grid_size, is_symbolic_tracing, patchify
 
 __all__ = ['CPCResNetV2', 'PreActBottleneck', 'WEIGHTS_DIR']
 
-# Published checkpoints (weights/<arch>.<tag>/model.safetensors) found beside the package are used before the Hub.
-WEIGHTS_DIR = Path(os.environ.get('CPC_MODELS_WEIGHTS_DIR', Path(__file__).resolve().parent.parent / 'weights'))
+# Published checkpoints (<arch>.<tag>/model.safetensors) found locally are used before the Hub: $CPC_MODELS_WEIGHTS_DIR,
+# else the copies a wheel carries (cpc_models/weights/, see setup.py), else weights/ beside the package (a checkout).
+_PACKAGE_DIR = Path(__file__).resolve().parent
+WEIGHTS_DIR = Path(os.environ.get('CPC_MODELS_WEIGHTS_DIR') or next(
+    (d for d in (_PACKAGE_DIR / 'weights', _PACKAGE_DIR.parent / 'weights') if d.is_dir()), _PACKAGE_DIR / 'weights'))
 HF_ORG = 'cpc-models'
 
 
