@@ -127,6 +127,7 @@ def test_cli_rejects_unknown_arm_and_bad_fraction(tmp_path, capsys):
 
 # ---------------- the whole pipeline ----------------
 
+@pytest.mark.slow
 def test_figure1_end_to_end_on_fashion_mnist_subset(tmp_path, fmnist_dir):
     out = tmp_path / 'fig'
     argv = ['figure1', '--checkpoint', 'random', '--out', str(out), '--arms', ','.join(ARMS),
