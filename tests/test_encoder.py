@@ -221,7 +221,7 @@ def test_batched_patches_equal_loop(name):
         same(m.forward_features(x), z)
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in NAMES])
 def test_backward_and_grad_checkpointing(name):
     """Train mode: every parameter gets a (non-zero) gradient; checkpointing gives the same outputs and gradients.
 

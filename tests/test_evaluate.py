@@ -180,6 +180,7 @@ def test_loads_training_checkpoint_folder(tmp_path):
     assert all(torch.equal(v, loaded2.state_dict()[k]) for k, v in enc.state_dict().items())
 
 
+@pytest.mark.slow
 def test_test_split_is_separate_and_limited(fmnist_dir):
     from cpc_models.evaluate import run_figure1
     cfg = EvalConfig(arms=('random_linear',), split='test', eval_limit=300, train_subset=500, val_size=200,
