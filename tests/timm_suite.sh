@@ -11,8 +11,13 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PY=$("$PY" -c 'import sys; print(sys.executable)')  # absolute: the tests run from the sdist folder
 version=$("$PY" -c 'import timm; print(timm.__version__)')
-work=${TIMM_SUITE_DIR:-$(mktemp -d)}
-mkdir -p "$work"
+if [ -n "${TIMM_SUITE_DIR:-}" ]; then
+  work=$TIMM_SUITE_DIR
+  mkdir -p "$work"
+else
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+fi
 if [ ! -f "$work/timm-$version.tar.gz" ]; then
   "$PY" -m pip download "timm==$version" --no-binary :all: --no-deps -q -d "$work"
 fi
@@ -24,4 +29,4 @@ printf '\nimport cpc_models  # noqa: E402,F401  (registers the cpcv1_* / cpcv2_*
   >> "$src/tests/conftest.py"
 echo "timm $version: tests/test_models.py -k 'cpcv1 or cpcv2' ($src)"
 cd "$src"
-TIMEOUT=${TIMEOUT:-600} exec "$PY" -m pytest tests/test_models.py -k "cpcv1 or cpcv2" -p no:cacheprovider -q "$@"
+TIMEOUT=${TIMEOUT:-600} "$PY" -m pytest tests/test_models.py -k "cpcv1 or cpcv2" -p no:cacheprovider -q "$@"
