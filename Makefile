@@ -18,6 +18,14 @@ demo: .venv/.installed
 test: .venv/.installed
 	$(PY) -m pytest -q
 
+# The fast tier: every module, without the slow end-to-end runs (wheel build, ONNX, figure-1 pipeline, demo).
+test-fast: .venv/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+# timm's own tests/test_models.py (from the sdist of the installed timm version, downloaded from PyPI) on our models.
+timm-tests: .venv/.installed
+	PY=$(PY) bash tests/timm_suite.sh
+
 # Mutation testing of the core modules (docs/testing.md), in the background at nice 10 with 2 workers;
 # `make mutation MODULES="objective augment"` for some of them. Writes docs/mutation/results/ and report.md.
 MODULES ?=
@@ -29,4 +37,4 @@ mutation: .venv/.installed
 mutation-report: .venv/.installed
 	$(PY) tools/mutation.py report --check
 
-.PHONY: install demo test mutation mutation-report
+.PHONY: install demo test test-fast timm-tests mutation mutation-report

@@ -36,12 +36,15 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._weights import pretrained_errors
-from .patches import check_images, grid_size, patchify
+from .patches import check_images, grid_size, is_symbolic_tracing, patchify
 
 __all__ = ['CPCResNetV2', 'PreActBottleneck', 'WEIGHTS_DIR']
 
-# Published checkpoints (weights/<arch>.<tag>/model.safetensors) found beside the package are used before the Hub.
-WEIGHTS_DIR = Path(os.environ.get('CPC_MODELS_WEIGHTS_DIR', Path(__file__).resolve().parent.parent / 'weights'))
+# Published checkpoints (<arch>.<tag>/model.safetensors) found locally are used before the Hub: $CPC_MODELS_WEIGHTS_DIR,
+# else the copies a wheel carries (cpc_models/weights/, see setup.py), else weights/ beside the package (a checkout).
+_PACKAGE_DIR = Path(__file__).resolve().parent
+WEIGHTS_DIR = Path(os.environ.get('CPC_MODELS_WEIGHTS_DIR') or next(
+    (d for d in (_PACKAGE_DIR / 'weights', _PACKAGE_DIR.parent / 'weights') if d.is_dir()), _PACKAGE_DIR / 'weights'))
 HF_ORG = 'cpc-models'
 
 
@@ -54,9 +57,9 @@ def _norm_act(norm_layer: Union[str, Callable], act_layer, eps: float) -> Callab
 class DownsampleConv(nn.Module):
     """1x1 (strided) projection shortcut, fed the pre-activated input as in ResNet-v2."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, device=None, dtype=None):
         super().__init__()
-        self.conv = create_conv2d(in_chs, out_chs, 1, stride=stride)
+        self.conv = create_conv2d(in_chs, out_chs, 1, stride=stride, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -73,15 +76,19 @@ class PreActBottleneck(nn.Module):
             stride: int = 1,
             norm_layer: Callable = nn.BatchNorm2d,
             drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
-        self.downsample = DownsampleConv(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else None
-        self.norm1 = norm_layer(in_chs)
-        self.conv1 = create_conv2d(in_chs, mid_chs, 1)
-        self.norm2 = norm_layer(mid_chs)
-        self.conv2 = create_conv2d(mid_chs, mid_chs, 3, stride=stride)
-        self.norm3 = norm_layer(mid_chs)
-        self.conv3 = create_conv2d(mid_chs, out_chs, 1)
+        self.downsample = (
+            DownsampleConv(in_chs, out_chs, stride, **dd) if stride != 1 or in_chs != out_chs else None)
+        self.norm1 = norm_layer(in_chs, **dd)
+        self.conv1 = create_conv2d(in_chs, mid_chs, 1, **dd)
+        self.norm2 = norm_layer(mid_chs, **dd)
+        self.conv2 = create_conv2d(mid_chs, mid_chs, 3, stride=stride, **dd)
+        self.norm3 = norm_layer(mid_chs, **dd)
+        self.conv3 = create_conv2d(mid_chs, out_chs, 1, **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def zero_init_last(self) -> None:
@@ -99,13 +106,14 @@ class PreActBottleneck(nn.Module):
 class ResNetStage(nn.Module):
     """A stack of bottlenecks; only the first one strides and projects."""
 
-    def __init__(self, in_chs, out_chs, mid_chs, depth, stride, norm_layer, drop_path_rates: Sequence[float]):
+    def __init__(self, in_chs, out_chs, mid_chs, depth, stride, norm_layer, drop_path_rates: Sequence[float],
+                 device=None, dtype=None):
         super().__init__()
         self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
             PreActBottleneck(
                 in_chs if i == 0 else out_chs, out_chs, mid_chs, stride=stride if i == 0 else 1,
-                norm_layer=norm_layer, drop_path_rate=drop_path_rates[i])
+                norm_layer=norm_layer, drop_path_rate=drop_path_rates[i], device=device, dtype=dtype)
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,13 +122,14 @@ class ResNetStage(nn.Module):
         return self.blocks(x)
 
 
-def _create_stem(in_chans: int, out_chs: int, stem_type: str) -> Tuple[nn.Sequential, int]:
+def _create_stem(in_chans: int, out_chs: int, stem_type: str, device=None, dtype=None) -> Tuple[nn.Sequential, int]:
     """'' = ResNet-v2 stem (7x7/2 conv + 3x3/2 max-pool, reduction 4); 'small' = 3x3/1 conv (reduction 1)."""
+    dd = dict(device=device, dtype=dtype)
     if stem_type == 'small':
-        return nn.Sequential(OrderedDict(conv=create_conv2d(in_chans, out_chs, 3))), 1
+        return nn.Sequential(OrderedDict(conv=create_conv2d(in_chans, out_chs, 3, **dd))), 1
     if stem_type == '':
         return nn.Sequential(OrderedDict(
-            conv=create_conv2d(in_chans, out_chs, 7, stride=2),
+            conv=create_conv2d(in_chans, out_chs, 7, stride=2, **dd),
             pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1))), 4
     raise ValueError(f"Unknown stem_type '{stem_type}'; use '' (ImageNet) or 'small' (small images).")
 
@@ -144,6 +153,8 @@ class CPCResNetV2(nn.Module):
         dense: run the whole image through the trunk instead of the patch grid (detection, segmentation).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
+        zero_init_last: start every block's last conv at zero (the block begins as the identity).
+        device, dtype: where and in which dtype to create the parameters (timm's factory kwargs).
     """
 
     def __init__(
@@ -165,7 +176,10 @@ class CPCResNetV2(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             zero_init_last: bool = True,
+            device=None,
+            dtype=None,
     ):
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
         if len(layers) != len(channels):
             raise ValueError(f'layers {tuple(layers)} and channels {tuple(channels)} must have the same length.')
@@ -181,7 +195,7 @@ class CPCResNetV2(nn.Module):
         self.grad_checkpointing = False
         norm_act = _norm_act(norm_layer, act_layer, norm_eps)
 
-        self.stem, reduction = _create_stem(in_chans, stem_chs, stem_type)
+        self.stem, reduction = _create_stem(in_chans, stem_chs, stem_type, **dd)
         self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module='stem')]
         rates = [drop_path_rate * i / max(sum(layers) - 1, 1) for i in range(sum(layers))]
         dpr = [rates[sum(layers[:i]):sum(layers[:i + 1])] for i in range(len(layers))]
@@ -190,7 +204,7 @@ class CPCResNetV2(nn.Module):
         for i, (depth, out_chs, mid_chs) in enumerate(zip(layers, channels, bottle_widths)):
             stride = 1 if i == 0 else 2
             reduction *= stride
-            stages.append(ResNetStage(prev_chs, out_chs, mid_chs, depth, stride, norm_act, dpr[i]))
+            stages.append(ResNetStage(prev_chs, out_chs, mid_chs, depth, stride, norm_act, dpr[i], **dd))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
             prev_chs = out_chs
         self.stages = nn.Sequential(*stages)
@@ -199,8 +213,8 @@ class CPCResNetV2(nn.Module):
             for info in self.feature_info:
                 info['reduction'] = patch_stride
         self.num_features = self.head_hidden_size = prev_chs
-        self.norm = norm_act(prev_chs)
-        self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.norm = norm_act(prev_chs, **dd)
+        self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool) -> None:
@@ -236,18 +250,34 @@ class CPCResNetV2(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
+        ref = self.stem.conv.weight  # the new head follows the model's device, dtype and train/eval mode
+        self.head.to(device=ref.device, dtype=ref.dtype).train(self.training)
 
     def grid_size(self, img_size) -> Tuple[int, int]:
         """(rows, cols) of the latent grid for an image of img_size = (H, W) or an int."""
         return grid_size(img_size, self.patch_size, self.patch_stride)
 
+    # Input checks run in eager mode only: TorchScript skips the `not torch.jit.is_scripting()` blocks, and under
+    # torch.fx tracing shapes are symbolic (`is_symbolic_tracing`), so scripted and traced graphs carry no checks.
     def _check_patches(self, patches: torch.Tensor) -> None:
+        if is_symbolic_tracing():
+            return
         if not isinstance(patches, torch.Tensor) or patches.ndim != 6 or 0 in patches.shape[1:3]:
             shape = tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__
             raise ValueError(
                 f'Expected patches (B, rows, cols, C, P, P) with rows, cols >= 1, got {shape}; '
                 f'cut images with cpc_models.patches.patchify(x, {self.patch_size}, {self.patch_stride}).')
         check_images(patches[:, 0, 0], self.in_chans)
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if not is_symbolic_tracing():
+            check_images(x, self.in_chans)
+
+    def _pool_patches(self, x: torch.Tensor, grid: List[int]) -> torch.Tensor:
+        """Per-patch maps (B * rows * cols, C, h, w) -> latent grid (B, C, rows, cols); dense maps pass through."""
+        if self.dense:
+            return x
+        return x.mean((2, 3)).unflatten(0, grid).permute(0, 3, 1, 2)
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stacks and final norm-act on a batch of images or patches (N, C, H, W) -> (N, F, h, w)."""
@@ -258,14 +288,15 @@ class CPCResNetV2(nn.Module):
 
         All patches go through the trunk as one batch of B * rows * cols images, and each is mean-pooled.
         """
-        self._check_patches(patches)
-        b, rows, cols = patches.shape[:3]
-        z = self.forward_trunk(patches.reshape(b * rows * cols, *patches.shape[3:])).mean((2, 3))
-        return z.reshape(b, rows, cols, -1).permute(0, 3, 1, 2)
+        if not torch.jit.is_scripting():
+            self._check_patches(patches)
+        z = self.forward_trunk(patches.flatten(0, 2)).mean((2, 3))
+        return z.unflatten(0, patches.shape[:3]).permute(0, 3, 1, 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> latent grid (B, F, rows, cols), or the dense map (B, F, H/r, W/r) if dense."""
-        check_images(x, self.in_chans)
+        if not torch.jit.is_scripting():
+            self._check_images(x)
         if self.dense:
             return self.forward_trunk(x)
         return self.forward_patches(patchify(x, self.patch_size, self.patch_stride))
@@ -284,42 +315,42 @@ class CPCResNetV2(nn.Module):
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-    ):
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Features of the stem and of each stack: latent grids (B, C_i, rows, cols), or dense maps if dense.
 
         Returns:
             ``(final, intermediates)``, where ``final`` equals ``forward_features(x)``; or only the list.
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f"Only output_fmt='NCHW' is supported, got '{output_fmt}'.")
+            raise ValueError("Only output_fmt='NCHW' is supported, got '" + output_fmt + "'.")
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        check_images(x, self.in_chans)
-        if self.dense:
-            to_out = nn.Identity()
-        else:
+        if not torch.jit.is_scripting():
+            self._check_images(x)
+        grid: List[int] = []
+        if not self.dense:  # all patches through the trunk as one batch; pooled back onto the grid per level
             patches = patchify(x, self.patch_size, self.patch_stride)
-            b, rows, cols = patches.shape[:3]
-            x = patches.reshape(b * rows * cols, *patches.shape[3:])
-
-            def to_out(t):  # pool each patch's map to one vector, lay the vectors out on the grid
-                return t.mean((2, 3)).reshape(b, rows, cols, -1).permute(0, 3, 1, 2)
+            grid = patches.shape[:3]
+            x = patches.flatten(0, 2)
 
         intermediates = []
         x = self.stem(x)
         if 0 in take_indices:
-            intermediates.append(to_out(x))
+            intermediates.append(self._pool_patches(x, grid))
         last_idx = len(self.stages)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
+        if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice the stacks
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index]
         feat_idx = 0
         for feat_idx, stage in enumerate(stages, start=1):
             x = stage(x)
             if feat_idx in take_indices:
-                intermediates.append(to_out(self.norm(x) if norm and feat_idx == last_idx else x))
+                intermediates.append(self._pool_patches(self.norm(x) if norm and feat_idx == last_idx else x, grid))
         if intermediates_only:
             return intermediates
         if feat_idx == last_idx:
             x = self.norm(x)
-        return to_out(x), intermediates
+        return self._pool_patches(x, grid), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -371,13 +402,20 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CPCResNetV2
 
 
 def _create_cpc_resnetv2(variant: str, pretrained: bool = False, **kwargs) -> CPCResNetV2:
+    feature_cfg = {'feature_cls': 'getter', **(kwargs.pop('feature_cfg', None) or {})}
     if kwargs.get('features_only'):
         kwargs.setdefault('dense', True)  # multi-scale maps for detection: the whole image through the trunk
         kwargs.setdefault('out_indices', tuple(range(len(kwargs['layers']) + 1)))
+        feature_cls = kwargs.get('feature_cls', feature_cfg['feature_cls'])
+        if not kwargs['dense'] and feature_cls != 'getter':
+            raise ValueError(
+                f"features_only=True with dense=False returns latent grids, which only feature_cls='getter' (the "
+                f"default) computes; feature_cls={feature_cls!r} would return per-patch module outputs. Use "
+                f"dense=True (the features_only default) for {feature_cls!r}.")
     with pretrained_errors(variant, pretrained, kwargs):
         return build_model_with_cfg(
             CPCResNetV2, variant, pretrained,
-            feature_cfg=dict(feature_cls='getter'),
+            feature_cfg=feature_cfg,
             pretrained_filter_fn=checkpoint_filter_fn,
             **kwargs,
         )

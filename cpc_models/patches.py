@@ -11,7 +11,20 @@ from typing import Tuple
 
 import torch
 
-__all__ = ['grid_size', 'patchify', 'check_images']
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_symbolic_tracing
+except ImportError:  # older torch: the same flag, without telling torch.export apart
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_symbolic_tracing
+
+__all__ = ['grid_size', 'patchify', 'check_images', 'is_symbolic_tracing']
+
+
+def is_symbolic_tracing() -> bool:
+    """True while torch.fx traces a model: tensors are Proxies, so shape checks cannot run (they stay eager-only).
+
+    Not scriptable: call it inside ``if not torch.jit.is_scripting():``, which TorchScript skips.
+    """
+    return _fx_symbolic_tracing()
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -61,7 +74,9 @@ def patchify(x: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
     Returns:
         patches (B, rows, cols, C, P, P), a view where possible (no copy until the trunk needs one).
     """
-    grid_size(x.shape[-2:], patch_size, stride)  # validates
+    if not torch.jit.is_scripting():
+        if not is_symbolic_tracing():  # eager mode: a clear error for images smaller than one patch
+            grid_size(x.shape[-2:], patch_size, stride)
     # unfold: (B, C, rows, W, P) -> (B, C, rows, cols, P, P)
     p = x.unfold(2, patch_size, stride).unfold(3, patch_size, stride)
     return p.permute(0, 2, 3, 1, 4, 5)

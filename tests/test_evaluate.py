@@ -8,7 +8,6 @@ import torch
 
 import cpc_models  # noqa: F401
 from cpc_models.classifier import GRID_CLASSIFIER_SIZES, GridClassifier, grid_classifier_kwargs
-from cpc_models.data import fashion_mnist_dir
 from cpc_models.evaluate import (
     ARMS,
     ArmInputs,
@@ -22,12 +21,6 @@ from cpc_models.evaluate import (
     run_arm,
     split_train_val,
 )
-
-
-@pytest.fixture(scope='module')
-def fmnist_dir():
-    # No skip: CI installs the dataset (.ci/run); without it this test must fail, saying why.
-    return fashion_mnist_dir()
 
 
 # ---------------- label subsets ----------------
@@ -134,6 +127,7 @@ def test_cli_rejects_unknown_arm_and_bad_fraction(tmp_path, capsys):
 
 # ---------------- the whole pipeline ----------------
 
+@pytest.mark.slow
 def test_figure1_end_to_end_on_fashion_mnist_subset(tmp_path, fmnist_dir):
     out = tmp_path / 'fig'
     argv = ['figure1', '--checkpoint', 'random', '--out', str(out), '--arms', ','.join(ARMS),
@@ -186,6 +180,7 @@ def test_loads_training_checkpoint_folder(tmp_path):
     assert all(torch.equal(v, loaded2.state_dict()[k]) for k, v in enc.state_dict().items())
 
 
+@pytest.mark.slow
 def test_test_split_is_separate_and_limited(fmnist_dir):
     from cpc_models.evaluate import run_figure1
     cfg = EvalConfig(arms=('random_linear',), split='test', eval_limit=300, train_subset=500, val_size=200,

@@ -19,7 +19,7 @@ CLASSES = (0, 1, 7)  # T-shirt, Trouser, Sneaker
 
 
 def _write_folder(root: Path, n_train: int = 16, n_val: int = 6) -> None:
-    x, y = load_fashion_mnist('test')  # fails loudly (FileNotFoundError) if the dataset is missing
+    x, y = load_fashion_mnist('test')  # the subset shipped in tests/data (conftest.py)
     for c in CLASSES:
         idx = torch.nonzero(y == c, as_tuple=True)[0][:n_train + n_val]
         name = FASHION_MNIST_CLASSES[c].replace('/', '_')

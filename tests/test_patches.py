@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpc_models.patches import check_images, grid_size, patchify
+from cpc_models.patches import check_images, grid_size, is_symbolic_tracing, patchify
 
 
 def naive_grid(h: int, w: int, p: int, s: int) -> tuple[int, int]:
@@ -96,3 +96,22 @@ def test_check_images_errors_say_what_to_do(x, in_chans, error, message):
     with pytest.raises(error) as e:
         check_images(x, in_chans)
     assert str(e.value) == message
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
+def test_checks_are_eager_only_so_patchify_traces_and_scripts():
+    """Under torch.fx tracing shapes are symbolic and TorchScript cannot compile the checks: both skip them."""
+    assert is_symbolic_tracing() is False
+    seen = []
+
+    def cut(x):
+        seen.append(is_symbolic_tracing())
+        return patchify(x, 8, 4)
+
+    traced = torch.fx.symbolic_trace(cut)
+    assert seen == [True]
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(traced(x), patchify(x, 8, 4))
+    assert torch.equal(torch.jit.script(patchify)(x, 8, 4), patchify(x, 8, 4))
+    with pytest.raises(ValueError, match='smaller than one 8x8 patch'):  # eager mode keeps the clear error
+        patchify(torch.randn(1, 1, 7, 28), 8, 4)

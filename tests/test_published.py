@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import cpc_models  # noqa: F401
 from cpc_models import hub
-from cpc_models.demo import few_shot_accuracy, load_sample, main as demo_main
+from cpc_models.demo import few_shot_accuracy, few_shot_split, load_sample, main as demo_main
 from cpc_models.encoder import WEIGHTS_DIR
 from cpc_models.evaluate import extract_features
 
@@ -50,6 +50,7 @@ def test_same_weights_through_the_hub_path(tmp_path, monkeypatch):
             torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_cpc_grid_beats_random_encoder_few_shot():
     images, labels, _ = load_sample()
     cpc = timm.create_model(NAME, pretrained=True).eval()
@@ -61,6 +62,18 @@ def test_cpc_grid_beats_random_encoder_few_shot():
     assert cpc_acc > rnd_acc + 0.03, (cpc_acc, rnd_acc)
 
 
+def test_demo_sample_and_few_shot_protocol():
+    images, labels, classes = load_sample()
+    assert images.dtype == torch.uint8 and images.shape == (1000, 1, 28, 28) and len(classes) == 10
+    assert torch.bincount(labels).tolist() == [100] * 10
+    train, val, test = few_shot_split(labels, shots=5, val_per_class=10, seed=0)
+    assert torch.bincount(labels[train]).tolist() == [5] * 10 and torch.bincount(labels[val]).tolist() == [10] * 10
+    assert len(set(train.tolist()) | set(val.tolist()) | set(test.tolist())) == 1000  # disjoint, and all of them
+    (acc,) = few_shot_accuracy(images.flatten(1).float() / 255, labels, shots=5, repeats=1)
+    assert 0.4 < acc < 0.9  # pixels with 5 labels per class: far above chance (10%), far below the full data
+
+
+@pytest.mark.slow
 def test_demo_runs(capsys):
     assert demo_main(['--shots', '2', '--repeats', '1']) == 0
     out = capsys.readouterr().out

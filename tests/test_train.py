@@ -75,11 +75,11 @@ def _weights(ckpt):
             **{f'objective.{k}': v for k, v in load_file(Path(ckpt) / 'objective.safetensors').items()}}
 
 
-def _assert_equal_weights(a, b, atol=0.0, skip=()):
+def _assert_equal_weights(a, b):
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
-    for k in wa.keys() - set(skip):
-        torch.testing.assert_close(wa[k], wb[k], rtol=0 if atol == 0 else 1e-5, atol=atol, msg=k)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
 
 
 def _run(argv, capsys=None):
@@ -189,7 +189,10 @@ def test_resume_after_sigkill_is_exact(tmp_path, reference, capsys):
 
 # ============ 3. DDP: 2 gloo processes == 1 process on the same global batch ============
 
-DDP = FAST + AUG_OFF + ['--max-steps', '6', '--log-every', '1', '--save-every', '3', '--lr', '5e-3']
+DDP = FAST + AUG_OFF + ['--max-steps', '3', '--log-every', '1', '--save-every', '1', '--keep-last', '10',
+                        '--lr', '5e-3']
+# Two processes sum the same numbers in another order than one: results agree up to float32 rounding, never bitwise.
+F32_TOL = 2 ** 8 * torch.finfo(torch.float32).eps  # 3e-5
 
 
 def test_sampler_gives_each_rank_a_contiguous_slice():
@@ -207,6 +210,16 @@ def test_sampler_gives_each_rank_a_contiguous_slice():
         train.StepSampler(5, 8, 0, 1, seed=0)
 
 
+def _step_gradients(ckpt):
+    """The gradients (after clipping) of the first optimizer step: AdamW's first moment is (1 - beta1) * g."""
+    state = torch.load(Path(ckpt) / 'state.pt', weights_only=True)
+    beta1 = json.loads((Path(ckpt) / 'config.json').read_text())['betas'][0]
+    assert state['step'] == 1
+    n_params = sum(len(g['params']) for g in state['optimizer']['param_groups'])
+    assert len(state['optimizer']['state']) == n_params  # every parameter got a gradient
+    return {k: v['exp_avg'] / (1 - beta1) for k, v in state['optimizer']['state'].items()}
+
+
 def test_ddp_two_processes_match_one(tmp_path, capsys):
     single, ddp = tmp_path / 'single', tmp_path / 'ddp'
     assert _run(DDP + ['--out-dir', str(single)]) == 0
@@ -217,21 +230,25 @@ def test_ddp_two_processes_match_one(tmp_path, capsys):
     assert res.returncode == 0, res.stderr[-3000:]
     assert '2 process(es)' in res.stdout
     a, b = _log(single), _log(ddp)
-    assert [m['step'] for m in b] == list(range(1, 7))
-    for ma, mb in zip(a, b):  # the logged loss is the global-batch loss (mean over ranks), not rank 0's
-        assert mb['loss'] == pytest.approx(ma['loss'], rel=1e-5, abs=1e-5)
-        assert mb['acc'] == pytest.approx(ma['acc'], abs=1e-6)
-        assert mb['grad_norm'] == pytest.approx(ma['grad_norm'], rel=1e-4)
-    # objective.target_proj.bias adds the same p . b to every candidate's logit, so InfoNCE's gradient for it is
-    # exactly zero and what it gets is rounding noise, which Adam scales up to lr-sized steps: its value depends
-    # on the summation order (1 vs 2 processes), not on the data. Every other tensor must match.
-    _assert_equal_weights(ddp / 'checkpoints' / 'step_00000006', single / 'checkpoints' / 'step_00000006', atol=1e-5,
-                          skip=['objective.target_proj.bias'])
-    state = torch.load(ddp / 'checkpoints' / 'step_00000006' / 'state.pt', weights_only=True)
+    assert [m['step'] for m in b] == [1, 2, 3] and all(math.isfinite(m['loss']) for m in b)
+    # Step 1 starts from the same weights on the same global batch, so its loss and gradients are the same numbers
+    # summed in another order. Later steps are not compared: Adam divides by sqrt(v), which turns a rounding-level
+    # difference in a near-zero gradient (objective.target_proj.bias's is exactly zero in exact arithmetic) into a
+    # full lr-sized step, and the runs part.
+    assert b[0]['loss'] == pytest.approx(a[0]['loss'], rel=F32_TOL)  # the global-batch loss, not rank 0's
+    assert b[0]['grad_norm'] == pytest.approx(a[0]['grad_norm'], rel=F32_TOL)
+    assert b[0]['acc'] == pytest.approx(a[0]['acc'], abs=0.01)  # an argmax can flip on a rounding-level tie
+    g1 = _step_gradients(single / 'checkpoints' / 'step_00000001')
+    g2 = _step_gradients(ddp / 'checkpoints' / 'step_00000001')
+    assert g1.keys() == g2.keys()
+    scale = max(g.abs().max() for g in g1.values())  # rounding errors scale with the largest summands
+    for k in g1:  # DDP averages the ranks' gradients (a sum, or rank 0's alone, would be far off)
+        torch.testing.assert_close(g2[k], g1[k], rtol=F32_TOL, atol=F32_TOL * scale, msg=f'parameter {k}')
+    state = torch.load(ddp / 'checkpoints' / 'step_00000003' / 'state.pt', weights_only=True)
     assert len(state['rng_aug']) == 2  # one augmentation generator state per rank
     # resuming with another world size is refused, with the reason
     rc, _, err = _run(DDP + ['--out-dir', str(tmp_path / 'other'), '--max-steps', '9',
-                             '--resume', str(ddp / 'checkpoints' / 'step_00000003')], capsys)
+                             '--resume', str(ddp / 'checkpoints' / 'step_00000002')], capsys)
     assert rc == 1
     assert 'written by 2 process(es); resume it with the same number (now 1)' in err
 

@@ -1,0 +1,35 @@
+"""Shared fixtures. The suite needs nothing but the repository: the Fashion-MNIST images it trains and evaluates on
+are a real subset shipped in tests/data (see make_fashion_mnist_subset.py), written out as IDX files for the real
+loader; the full dataset is only needed to reproduce the published results."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+FMNIST_SUBSET = Path(__file__).parent / 'data' / 'fashion_mnist_subset.safetensors'
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the IDX format of (Fashion-)MNIST (gzipped if the name ends in .gz)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+    opener = gzip.open if path.suffix == '.gz' else open
+    with opener(path, 'wb') as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope='session', autouse=True)
+def fmnist_dir(tmp_path_factory):
+    """A Fashion-MNIST IDX folder holding the shipped subset (training files gzipped, test files plain, as both
+    occur in the wild), exported as CPC_FASHION_MNIST_DIR for the whole session, subprocesses included."""
+    subset = load_file(str(FMNIST_SUBSET))
+    root = tmp_path_factory.mktemp('fashion-mnist')
+    for split, (images, labels) in {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+                                    't10k': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}.items():
+        key = 'train' if split == 'train' else 'test'
+        write_idx(root / images, subset[f'{key}_images'][:, 0])
+        write_idx(root / labels, subset[f'{key}_labels'].astype(np.uint8))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('CPC_FASHION_MNIST_DIR', str(root))
+        yield root
