@@ -489,7 +489,10 @@ def check_range(cfg, key: str, low=None, high=None, low_open: bool = False, high
                 allowed = f'{">" if low_open else ">="} {low:g}'
             else:
                 allowed = f'{"<" if high_open else "<="} {high:g}'
-            raise ConfigError(f'{_flag(key)} {json.dumps(_jsonable(value))}: must be {allowed}')
+            shown = [f'{x:g}' if isinstance(x, float) else str(x) for x in (
+                value if isinstance(value, (list, tuple)) else [value])]
+            shown = f'[{", ".join(shown)}]' if isinstance(value, (list, tuple)) else shown[0]
+            raise ConfigError(f'{_flag(key)} {shown}: must be {allowed}')
 
 
 def did_you_mean(value: str, choices: Sequence[str], cutoff: float = 0.6) -> str:

@@ -73,11 +73,14 @@ def extract_features(model: torch.nn.Module, images: torch.Tensor, batch_size: i
     was_training = model.training
     model.eval().to(memory_format=torch.channels_last)
     pooled, grids = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(total=len(images), desc=desc, unit='img', disable=not progress, leave=False)
+    for i in range(0, len(images), batch_size):
         z = model.forward_features(normalize(images[i:i + batch_size], model))
         pooled.append(model.forward_head(z, pre_logits=True).float())
         if keep_grid:
             grids.append(z.to(torch.float16).contiguous())
+        bar.update(min(batch_size, len(images) - i))
+    bar.close()
     model.train(was_training)
     return torch.cat(pooled), (torch.cat(grids) if keep_grid else None)
 

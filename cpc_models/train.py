@@ -629,7 +629,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     non-finite loss), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (the resume command is printed).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = build_config(argv)
+    try:
+        cfg = build_config(argv)
+    except SystemExit as e:  # --help (0), or an option the parser rejects (2, said in one line)
+        return e.code
     world = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     try:
