@@ -1,7 +1,7 @@
 """The cpc-models benchmark suite: one command per machine kind, results as JSON + a Markdown table.
 
-    PYTHONPATH=. python -m benchmarks.run --device cpu                 # ~10 min on 2 cores -> runs/benchmarks/cpu-<time>/
-    PYTHONPATH=. python -m benchmarks.run --device cpu --update-results   # the same, into benchmarks/results/
+    PYTHONPATH=. python -m benchmarks.run --device cpu                  # ~10 min on 2 cores: runs/benchmarks/cpu-<time>/
+    PYTHONPATH=. python -m benchmarks.run --device cpu --update-results # the same, into benchmarks/results/
     PYTHONPATH=. python -m benchmarks.run --device cuda --out $OUT     # see benchmarks/gpu_run.sh
     PYTHONPATH=. python -m benchmarks.run --device cpu --smoke --out /tmp/b   # < 30 s, tiny model only
 
