@@ -650,7 +650,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         if rank == 0:
-            print(f'cpc-train: {e or "aborted"}', file=sys.stderr)
+            print(f'cpc-train: {str(e) or "aborted"}', file=sys.stderr)
         return 130
     finally:
         if torch.distributed.is_initialized():
