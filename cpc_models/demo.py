@@ -69,7 +69,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--model', default=DEFAULT_MODEL, help='timm name with tag, hf-hub: or local-dir:')
     parser.add_argument('--shots', type=int, nargs='+', default=[1, 5, 10, 20], help='labelled images per class')
     parser.add_argument('--repeats', type=int, default=5, help='random draws of the labelled images')
+    # one thread: on 2 shared cores under load, 2 threads made the demo ~20x slower (README, Time)
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (default: 1, fastest on a shared '
+                                                               'machine)')
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        return parser.exit(2, '--threads must be >= 1\n')
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, parser)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, parser) -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
 
