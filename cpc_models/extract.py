@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from . import encoder  # noqa: F401  (registers the architectures with timm)
 from ._weights import CorruptWeightsError, check_weights_file
+from .atomic import atomic_file
 from .checks import check_device, check_model_name, check_out_file, one_line
 from .checks import create_model as checked_create_model
 from .config import ConfigError
-from .atomic import atomic_file
 from .images import ImageFiles, collate_readable, find_images
 
 __all__ = ['extract_features', 'extract_files', 'normalize', 'read_features', 'main']

@@ -150,7 +150,7 @@ FASHION_MNIST_SIZE = 28
 def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
     """Everything about a run that can be checked before any work: ranges, model, device, data, resume, and the
     patch grid of the model on the data's images against the objective. Raises ConfigError naming the option."""
-    world = world or int(os.environ.get('WORLD_SIZE', 1))
+    world = world or int(os.environ.get('WORLD_SIZE', '1'))
     for key, low, low_open in (('batch_size', 1, False), ('epochs', 0, True), ('max_steps', 0, False),
                                ('lr', 0, True), ('warmup_steps', 0, False), ('weight_decay', 0, False),
                                ('grad_clip', 0, False), ('num_workers', 0, False), ('image_size', 0, False),
@@ -633,8 +633,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = build_config(argv)
     except SystemExit as e:  # --help (0), or an option the parser rejects (2, said in one line)
         return e.code
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    rank = int(os.environ.get('RANK', 0))
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
     try:
         result = train(cfg)
     except C.ConfigError as e:  # checked before any work, the same on every rank

@@ -188,7 +188,7 @@ def test_cpc_extract_help_is_grouped():
     text = extract._parser().format_help()
     for group in ('data:', 'model:', 'output:', 'runtime:'):
         assert f'\n{group}\n' in text
-    options = re.findall(r'^  (--[\w-]+)', text, re.M)
+    options = re.findall(r'^  (--[\w-]+)', text, re.MULTILINE)
     assert len(options) == len(set(options))
     assert all('(default' in block or '(required)' in block for block in re.split(r'\n  (?=--)', text)[1:])
 
@@ -293,9 +293,9 @@ def test_cpc_eval_figure1_help_is_grouped():
     assert proc.returncode == 0
     groups = [line[:-1] for line in proc.stdout.splitlines() if re.fullmatch(r'[a-zA-Z -]+:', line)]
     assert groups[:3] == ['encoder', 'runs', 'data']
-    flags = re.findall(r'^  (--[\w.-]+)', proc.stdout, re.M)
+    flags = re.findall(r'^  (--[\w.-]+)', proc.stdout, re.MULTILINE)
     assert len(flags) == len(set(flags)) > 20
-    assert re.search(r'^  --e2e-batch INT +cpc_finetune, scratch: images per step \(default: 64\)', proc.stdout, re.M)
+    assert re.search(r'^  --e2e-batch INT +cpc_finetune, scratch: images per step \(default: 64\)', proc.stdout, re.MULTILINE)
 
 
 # ============ cpc-demo ============
