@@ -7,12 +7,14 @@ with p=0.8 and RandomGrayscale p=0.25), then converted back and stacked. The bas
 or jitter, so it does less work than PatchAugment's default config.
 
 Usage (from the repository root): OMP_NUM_THREADS=1 python -m benchmarks.augment_throughput [--threads 1] [--min-run-time 3]
-Writes benchmarks/results/augment_cpu.json and .md.
+Writes augment_cpu.json and .md into a new runs/benchmarks/augment-<UTC time>/ folder, or into benchmarks/results/
+(the committed tables) with --update-results.
 """
 import argparse
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import PIL
@@ -24,7 +26,8 @@ import torchvision.transforms.v2.functional as TF
 from timm.data.auto_augment import rand_augment_transform
 from torch.utils import benchmark
 
-from benchmarks.common import cpu_model
+from benchmarks.common import RESULTS, RUNS, cpu_model
+from cpc_models.atomic import write_text
 from cpc_models.augment import PatchAugment, PatchAugmentConfig
 
 CASES = [
@@ -52,10 +55,19 @@ def pil_baseline(channels: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--threads', type=int, default=1)
-    ap.add_argument('--min-run-time', type=float, default=3.0, help='seconds per measurement')
-    ap.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'augment_cpu'))
+    ap.add_argument('--threads', type=int, default=1, help='torch threads (default: 1)')
+    ap.add_argument('--min-run-time', type=float, default=3.0, help='seconds per measurement (default: 3)')
+    ap.add_argument('--out', default=None, help='path stem of the .json/.md files (default: a new '
+                                                'runs/benchmarks/augment-<UTC time>/augment_cpu)')
+    ap.add_argument('--update-results', action='store_true',
+                    help='write benchmarks/results/augment_cpu.{json,md}, the committed tables, instead')
     args = ap.parse_args(argv)
+    if args.threads < 1 or args.min_run_time <= 0:
+        ap.error('--threads must be >= 1 and --min-run-time > 0')
+    if args.update_results and args.out:
+        ap.error('--update-results writes benchmarks/results/; leave out --out')
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+    out = Path(args.out or (RESULTS if args.update_results else RUNS / f'augment-{stamp}') / 'augment_cpu')
     torch.set_num_threads(args.threads)
     machine = dict(cpu=cpu_model(), logical_cores=os.cpu_count(), threads=args.threads,
                    torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
@@ -87,10 +99,9 @@ def main(argv=None):
               f"{q['speedup_vs_pil']:.1f}x |" for q in rows]
     md = head + '\n'.join(table) + '\n'
     print('\n' + md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(dict(machine=machine, results=rows), indent=2) + '\n')
-    out.with_suffix('.md').write_text(md)
+    write_text(out.with_suffix('.json'), json.dumps(dict(machine=machine, results=rows), indent=2) + '\n')
+    write_text(out.with_suffix('.md'), md)
+    print(f'wrote {out}.json and .md')
 
 
 if __name__ == '__main__':

@@ -17,6 +17,9 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.utils import benchmark
 
+RESULTS = Path(__file__).resolve().parent / 'results'  # the committed tables (README.md, docs/benchmarks.md quote them)
+RUNS = Path(__file__).resolve().parent.parent / 'runs' / 'benchmarks'  # fresh output folders (git-ignored)
+
 
 def cpu_model() -> str:
     try:

@@ -1,8 +1,12 @@
 """The cpc-models benchmark suite: one command per machine kind, results as JSON + a Markdown table.
 
-    PYTHONPATH=. python -m benchmarks.run --device cpu                 # ~10 min on 2 cores
+    PYTHONPATH=. python -m benchmarks.run --device cpu                  # ~10 min on 2 cores: runs/benchmarks/cpu-<time>/
+    PYTHONPATH=. python -m benchmarks.run --device cpu --update-results # the same, into benchmarks/results/
     PYTHONPATH=. python -m benchmarks.run --device cuda --out $OUT     # see benchmarks/gpu_run.sh
     PYTHONPATH=. python -m benchmarks.run --device cpu --smoke --out /tmp/b   # < 30 s, tiny model only
+
+A run writes <name>.json and <name>.md into a new folder unless told otherwise: the committed tables in
+benchmarks/results/ (quoted by README.md and docs/benchmarks.md) change only with --update-results.
 
 For every registered variant: patch-grid inference (images/s) and the full training step of cpc_models/train.py
 (patchify -> PatchAugment -> normalize -> encoder.forward_patches -> CPCObjective -> backward -> grad clip ->
@@ -42,15 +46,15 @@ from benchmarks.cases import (
     make_train_step,
     parse_mode,
 )
-from benchmarks.common import machine_info, measure
+from benchmarks.common import RESULTS, RUNS, machine_info, measure
 from benchmarks.profile_step import profile_train_step
 from cpc_models import config as C
 from cpc_models.atomic import write_text
 from cpc_models.augment import PatchAugmentConfig
+from cpc_models.checks import check_device
 
 SCHEMA = 'cpc-models-benchmarks/1'
 H200_BF16_DENSE_TFLOPS = 790.0  # dense bf16 matmul rate of an H200 as measured (below the datasheet peak)
-RESULTS = Path(__file__).resolve().parent / 'results'
 PROG = 'python -m benchmarks.run'
 NEGATIVES = {  # name: (batch, rows, cols, directions, offsets) of the negatives baseline
     'fmnist_tiny preset': (32, 6, 6, 4, (2, 3)),
@@ -84,7 +88,8 @@ class BenchConfig:
     # ---- run ----
     device: Literal['cpu', 'cuda'] = 'cpu'  # machine kind; picks the preset
     smoke: bool = False  # tiny model only, few repeats (< 30 s): a schema check for the tests, not a measurement
-    out: str = str(RESULTS)  # folder for <name>.json and <name>.md
+    out: str = ''  # folder for <name>.json and <name>.md ('' = a new runs/benchmarks/<name>-<UTC time>/)
+    update_results: bool = False  # write into benchmarks/results/ instead: the committed tables the docs quote
     name: str = ''  # file name stem ('' = the device, '<device>_smoke' in smoke runs)
     variants: List[str] = field(default_factory=list)  # subset of the registered variants ([] = those in order)
     order: List[str] = field(default_factory=list)  # variants and the phases BASELINES, PROFILE, COMPILE, in order
@@ -176,14 +181,31 @@ def parse_config(argv=None) -> BenchConfig:
             parse_mode(mode)
         except ValueError as e:
             C.fail(PROG, str(e))
+    for key, low, low_open in (('threads', 1, False), ('extra_threads', 0, False), ('min_run_time', 0, True),
+                               ('repeats', 1, False), ('time_budget', 0, True), ('compile_min_left', 0, False)):
+        try:
+            C.check_range(cfg, key, low, low_open=low_open)
+        except C.ConfigError as e:
+            C.fail(PROG, str(e))
+    bad = {k: v for d in (cfg.batch, cfg.grid) for k, v in d.items() if v < (1 if d is cfg.batch else 0)}
+    if bad:
+        C.fail(PROG, f'--batch.VARIANT must be >= 1 and --grid.VARIANT >= 0, got {bad}')
+    try:
+        check_device(cfg.device)
+    except C.ConfigError as e:
+        C.fail(PROG, str(e))
+    if cfg.update_results and cfg.out:
+        C.fail(PROG, '--update-results writes benchmarks/results/; leave out --out (or drop --update-results)')
     chosen = cfg.variants or [v for v in cfg.order if v in VARIANTS]
     variants = [v for v in cfg.order if v in chosen] + [v for v in chosen if v not in cfg.order]
     missing = [v for v in variants if v not in cfg.batch]
     if missing:
         C.fail(PROG, f'no batch size for {missing}; give --batch.VARIANT N')
+    name = cfg.name or (f'{cfg.device}_smoke' if cfg.smoke else cfg.device)
+    fresh = RUNS / f'{name}-{time.strftime("%Y%m%d-%H%M%S", time.gmtime())}'
+    out = cfg.out or str(RESULTS if cfg.update_results else fresh)
     return dataclasses.replace(cfg, variants=variants, compile_variants=[v for v in cfg.compile_variants
-                                                                         if v in variants],
-                               name=cfg.name or (f'{cfg.device}_smoke' if cfg.smoke else cfg.device))
+                                                                         if v in variants], name=name, out=out)
 
 
 def peak_flops(device: torch.device, threads: int, smoke: bool) -> Dict:
@@ -522,10 +544,8 @@ def render_markdown(doc: Dict) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
-    if cfg.device == 'cuda' and not torch.cuda.is_available():
-        print('error: --device cuda but torch.cuda.is_available() is False', file=sys.stderr)
-        return 2
     warnings.filterwarnings('ignore', message='CPCObjective got a batch of ONE image')
+    print(f'{PROG}: writing {Path(cfg.out) / cfg.name}.json and .md (rewritten after every row)', flush=True)
     Suite(cfg, 'PYTHONPATH=. python -m benchmarks.run ' + ' '.join(argv)).run()
     return 0
 

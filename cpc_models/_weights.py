@@ -10,6 +10,7 @@ Imports nothing of the package, so the model file does not depend on the Hub or 
 """
 import contextlib
 import os
+import pickle
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Union
 
@@ -22,7 +23,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
-__all__ = ['WEIGHTS_NAME', 'CorruptWeightsError', 'check_weights_file', 'load_weights', 'pretrained_errors']
+__all__ = ['WEIGHTS_NAME', 'CorruptWeightsError', 'check_weights_file', 'weights_kind', 'load_weights',
+           'pretrained_errors', 'hub_unreachable_message']
 
 PathLike = Union[str, os.PathLike]
 WEIGHTS_NAME = 'model.safetensors'
@@ -48,18 +50,41 @@ def check_weights_file(path: PathLike) -> Path:
         if not path.is_file():
             raise FileNotFoundError(
                 f'No {WEIGHTS_NAME} in the folder {folder}. A published folder holds model.safetensors, config.json '
-                f'and README.md: create it with `python -m cpc_models.hub export --checkpoint CKPT --out {folder}`.')
+                f'and README.md: create it with `python -m cpc_models.hub export --checkpoint CKPT --out {folder} '
+                f'--tag TAG`.')
     if not path.is_file():
         raise FileNotFoundError(
             f'Weights file not found: {path}. Check the path; a cpc-train checkpoint keeps the encoder in '
             f'<out_dir>/checkpoints/step_*/encoder.safetensors, a published folder in model.safetensors.')
-    if path.suffix == '.safetensors':
+    kind = weights_kind(path)
+    if path.suffix == '.safetensors' or kind == 'safetensors':
         try:
             with safetensors.safe_open(str(path), framework='pt') as f:
                 f.keys()
         except (safetensors.SafetensorError, OSError, ValueError) as e:
             raise CorruptWeightsError(_corrupt_message(path, e)) from e
+        if path.suffix != '.safetensors':  # the loaders (timm's too) pick the format by the suffix
+            raise CorruptWeightsError(f'{path} is a safetensors file named {path.suffix or "without a suffix"}; '
+                                      f'rename it to {path.with_suffix(".safetensors").name} and pass that.')
+    elif kind is None:
+        head = path.open('rb').read(8)
+        raise CorruptWeightsError(
+            f'{path} is not a weights file: neither safetensors nor a torch.save checkpoint (it starts with '
+            f'{head!r}, {path.stat().st_size} bytes). Pass the encoder.safetensors of a cpc-train checkpoint or the '
+            f'model.safetensors of a published folder.')
     return path
+
+
+def weights_kind(path: PathLike) -> Optional[str]:
+    """What a file holds, from its first bytes: 'safetensors' (an 8-byte header length, then a JSON object),
+    'torch' (a torch.save zip archive or a pickle), or None (neither)."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') > 1:
+        return 'safetensors'
+    if head.startswith(b'PK\x03\x04') or head[:1] == b'\x80':  # zip archive; pickle protocol >= 2
+        return 'torch'
+    return None
 
 
 def _corrupt_message(path: PathLike, err: Exception) -> str:
@@ -85,10 +110,14 @@ def load_weights(path: PathLike, device: Union[str, torch.device] = 'cpu') -> Di
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError ...
-        raise CorruptWeightsError(
-            f'Could not read {path} with torch.load(weights_only=True) ({type(e).__name__}: {e}). Only plain tensor '
-            f'checkpoints are accepted; convert it to safetensors (safetensors.torch.save_file(state_dict, ...)).'
-        ) from e
+        raise CorruptWeightsError(_unpickle_message(path, e)) from e
+
+
+def _unpickle_message(path: PathLike, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ''
+    return (f'Could not read {path} with torch.load(weights_only=True) ({type(err).__name__}: {first}). Only plain '
+            f'tensor checkpoints are read (nothing is unpickled): the file is corrupt, or holds Python objects; '
+            f'convert its state dict to safetensors (safetensors.torch.save_file(state_dict, ...)).')
 
 
 def _published_tags(variant: str) -> List[str]:
@@ -100,10 +129,10 @@ def _check_source(variant: str, cfg) -> None:
     if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
         raise RuntimeError(
             f'No pretrained weights are published for "{variant}" yet (tags with weights: '
-            f'{_published_tags(variant) or "none"}). Train them with `cpc-train --model {variant} ...` and '
-            f'load the result with timm.create_model("{variant}", pretrained=True, '
-            f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors")), or create the model with '
-            f'pretrained=False.')
+            f'{_published_tags(variant) or "none"}). Train them on a folder of images with `cpc-train --model '
+            f'{variant} --data FOLDER --out-dir runs/{variant}` and load the result with timm.create_model('
+            f'"{variant}", pretrained=True, pretrained_cfg_overlay=dict(file="runs/{variant}/checkpoints/step_N/'
+            f'encoder.safetensors")), or create the model with pretrained=False.')
     # timm raises a bare FileNotFoundError for a missing local file and safetensors a header error without a path
     if cfg.state_dict is None and getattr(cfg, 'source', '') != 'hf-hub' and cfg.file:
         check_weights_file(cfg.file)
@@ -122,19 +151,29 @@ def _explain(variant: str, cfg, err: Exception, cache_dir: Optional[PathLike]) -
         elif Path(where).is_dir():
             where = str(Path(where) / WEIGHTS_NAME)
         return CorruptWeightsError(_corrupt_message(where, err))
-    if from_hub and isinstance(err, RepositoryNotFoundError):
-        return RuntimeError(
-            f'The Hugging Face Hub repo "{hub_id}" of "{variant}" does not exist (or is private: log in with '
-            f'`hf auth login`). Load a local copy with pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
-    if from_hub and isinstance(err, (LocalEntryNotFoundError, FileNotFoundError, ConnectionError)):
-        return RuntimeError(
-            f'Could not get the weights of "{variant}" from the Hugging Face Hub repo "{hub_id}": the machine is '
-            f'offline (or HF_HUB_OFFLINE=1) and they are not in the cache ({cache_dir or "HF_HUB_CACHE"}). Either '
-            f'connect once to download them, or copy the published folder onto this machine and add it to the cache '
-            f'with `python -m cpc_models.hub cache FOLDER {hf_split(hub_id)[0]}` (cpc_models.hub.add_to_hf_cache), or '
-            f'load the file directly with pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"). '
-            f'({type(err).__name__}: {err})')
+    # torch.load(weights_only=True) of a local .pt/.pth file: corrupt, or a pickle of Python objects
+    if cfg.file and not from_hub and (isinstance(err, (pickle.UnpicklingError, EOFError, IndexError, KeyError)) or (
+            isinstance(err, RuntimeError) and ('weights_only' in str(err) or 'PytorchStreamReader' in str(err)))):
+        return CorruptWeightsError(_unpickle_message(cfg.file, err))
+    if from_hub and isinstance(err, (RepositoryNotFoundError, LocalEntryNotFoundError, FileNotFoundError,
+                                     ConnectionError)):
+        return RuntimeError(hub_unreachable_message(variant, hub_id, cache_dir, err))
     return None
+
+
+def hub_unreachable_message(name: str, hub_id: str, cache_dir: Optional[PathLike], err: Exception) -> str:
+    """What to do when the files of the Hub repo ``hub_id`` (of the model ``name``) cannot be had."""
+    repo = hf_split(hub_id)[0]
+    if isinstance(err, RepositoryNotFoundError):
+        return (f'The Hugging Face Hub repo "{repo}" of "{name}" does not exist (or is private: log in with '
+                f'`hf auth login`). Load a local copy with local-dir:FOLDER or '
+                f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
+    return (f'Could not get "{name}" from the Hugging Face Hub repo "{repo}": the machine is offline (or '
+            f'HF_HUB_OFFLINE=1) and the repo is not in the cache ({cache_dir or "HF_HUB_CACHE"}). Either connect once '
+            f'to download it, or copy the published folder onto this machine and add it to the cache with '
+            f'`python -m cpc_models.hub cache FOLDER {repo}` (cpc_models.hub.add_to_hf_cache), or load the folder with '
+            f'local-dir:FOLDER or the file with pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"). '
+            f'({type(err).__name__})')
 
 
 @contextlib.contextmanager

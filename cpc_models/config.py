@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
 
 __all__ = ['ConfigError', 'Option', 'options', 'apply', 'to_dict', 'from_dict', 'peek', 'parse_args', 'format_help',
-           'fail']
+           'fail', 'usage_error', 'check_range', 'did_you_mean']
 
 T = TypeVar('T')
 _TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
@@ -465,7 +465,48 @@ def parse_args(base: T, argv: Optional[Sequence[str]], prog: str, description: s
         fail(prog, str(e))
 
 
-def fail(prog: str, message: str) -> typing.NoReturn:
-    """Print the usage line and ``prog: error: message`` to stderr and exit with status 2 (as argparse does)."""
+# ============ checks of values (after parsing: ranges, names) ============
+
+def _get(cfg, key: str):
+    for part in key.split('.'):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_range(cfg, key: str, low=None, high=None, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ConfigError naming ``--key`` when its value (each value of a list) is outside the range.
+
+    ``low``/``high`` are inclusive bounds (None = unbounded); ``low_open``/``high_open`` exclude them.
+    """
+    value = _get(cfg, key)
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        too_low = low is not None and (v <= low if low_open else v < low)
+        too_high = high is not None and (v >= high if high_open else v > high)
+        if too_low or too_high:
+            if low is not None and high is not None:
+                allowed = f'in {"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+            elif low is not None:
+                allowed = f'{">" if low_open else ">="} {low:g}'
+            else:
+                allowed = f'{"<" if high_open else "<="} {high:g}'
+            shown = [f'{x:g}' if isinstance(x, float) else str(x) for x in (
+                value if isinstance(value, (list, tuple)) else [value])]
+            shown = f'[{", ".join(shown)}]' if isinstance(value, (list, tuple)) else shown[0]
+            raise ConfigError(f'{_flag(key)} {shown}: must be {allowed}')
+
+
+def did_you_mean(value: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
+    """' (did you mean X?)' for the choices close to ``value``, else ''."""
+    close = difflib.get_close_matches(value, list(choices), n=3, cutoff=cutoff)
+    return f' (did you mean {", ".join(close)}?)' if close else ''
+
+
+def usage_error(prog: str, message: str) -> int:
+    """Print the usage line and ``prog: error: message`` to stderr; return 2, the exit status of bad input."""
     print(f'usage: {prog} [--KEY VALUE ...]  (see {prog} --help)\n{prog}: error: {message}', file=sys.stderr)
-    raise SystemExit(2)
+    return 2
+
+
+def fail(prog: str, message: str) -> typing.NoReturn:
+    """:func:`usage_error`, then exit with status 2 (as argparse does)."""
+    raise SystemExit(usage_error(prog, message))

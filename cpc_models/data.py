@@ -18,8 +18,8 @@ from torchvision.transforms import v2
 from .images import ImageFiles, find_images
 
 __all__ = [
-    'ImageFolderDataset', 'TensorImageDataset', 'StepSampler', 'read_idx', 'fashion_mnist_dir', 'load_fashion_mnist',
-    'FASHION_MNIST_CLASSES',
+    'ImageFolderDataset', 'TensorImageDataset', 'StepSampler', 'NoReadableImagesError', 'check_readable', 'refill',
+    'read_idx', 'fashion_mnist_dir', 'load_fashion_mnist', 'FASHION_MNIST_CLASSES',
 ]
 
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
@@ -40,6 +40,7 @@ class ImageFolderDataset(ImageFiles):
 
     def __init__(self, root, size: int, channels: int = 3, resize: Optional[int] = None, train: bool = True):
         crop = v2.RandomCrop(size) if train else v2.CenterCrop(size)
+        self.root = root
         super().__init__(find_images(root), channels,
                          v2.Compose([v2.PILToTensor(), v2.Resize(resize or size, antialias=True), crop]))
 
@@ -84,6 +85,52 @@ class StepSampler(Sampler):
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+
+class NoReadableImagesError(ValueError):
+    """The data gave no readable image where the run needed one."""
+
+    def __init__(self, dataset, skipped: int, errors: List[Tuple[int, str]]):
+        where = getattr(dataset, 'root', 'the data')
+        paths = getattr(dataset, 'paths', None)
+        reasons = '; '.join(f'{paths[i].name if paths else i}: {err}' for i, err in errors[:3])
+        super().__init__(f'no readable images under {where} ({skipped} skipped: first reasons {reasons}). Check that '
+                         f'the folder holds images PIL can open (JPEG, PNG, ...), or pass another --data.')
+
+
+def check_readable(dataset, sample: int = 32) -> None:
+    """Read up to ``sample`` items spread evenly over ``dataset`` until one is readable; raise NoReadableImagesError
+    when none is (a folder of junk stops here, before any step). Deterministic: every rank decides the same."""
+    n = len(dataset)
+    errors = []
+    for i in sorted({i * n // min(n, sample) for i in range(min(n, sample))}):
+        _, _, err = dataset[i]
+        if err is None:
+            return
+        errors.append((i, err))
+    raise NoReadableImagesError(dataset, len(errors), errors)
+
+
+def refill(dataset, failed: List[int], want: int, tries: int
+           ) -> Tuple[Optional[torch.Tensor], List[Tuple[int, str]]]:
+    """For a batch none of whose items ``failed`` was readable: up to ``want`` readable images from the items after
+    the last of them (file order, wrapping around), read until ``tries`` in a row were unreadable. Returns the images
+    (B, C, H, W), or None if none was readable, and the errors of the others. Deterministic, so a resumed run reads
+    the same images."""
+    start = max(failed) + 1 if failed else 0
+    images, errors, in_a_row = [], [], 0
+    for k in range(len(dataset)):
+        if len(images) == want or in_a_row >= tries:
+            break
+        i = (start + k) % len(dataset)
+        image, _, err = dataset[i]
+        if err is None:
+            images.append(image)
+            in_a_row = 0
+        else:
+            errors.append((i, err))
+            in_a_row += 1
+    return (torch.stack(images) if images else None), errors
 
 
 def read_idx(path) -> np.ndarray:

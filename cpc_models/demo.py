@@ -21,11 +21,14 @@ import torch
 from safetensors import safe_open
 
 from . import encoder as _encoder  # noqa: F401  (registers the models)
+from .checks import create_model, one_line
+from .config import ConfigError
 from .evaluate import fit_linear_probe
 from .extract import extract_features
 
 SAMPLE = Path(__file__).resolve().parent / 'assets' / 'fashion_mnist_sample.safetensors'
 DEFAULT_MODEL = 'cpcv2_resnet_tiny.fmnist'
+VAL_PER_CLASS = 10  # images per class for picking the L2 penalty
 
 
 def load_sample(path=SAMPLE):
@@ -49,7 +52,7 @@ def few_shot_split(labels: torch.Tensor, shots: int, val_per_class: int, seed: i
 
 
 def few_shot_accuracy(features: torch.Tensor, labels: torch.Tensor, shots: int, repeats: int,
-                      val_per_class: int = 10) -> List[float]:
+                      val_per_class: int = VAL_PER_CLASS) -> List[float]:
     """Test accuracy of an L2-regularized softmax classifier trained on `shots` images per class, per repeat."""
     accs = []
     for seed in range(repeats):
@@ -66,40 +69,65 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--model', default=DEFAULT_MODEL, help='timm name with tag, hf-hub: or local-dir:')
     parser.add_argument('--shots', type=int, nargs='+', default=[1, 5, 10, 20], help='labelled images per class')
     parser.add_argument('--repeats', type=int, default=5, help='random draws of the labelled images')
+    # one thread: on 2 shared cores under load, 2 threads made the demo ~20x slower (README, Time)
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (default: 1, fastest on a shared '
+                                                               'machine)')
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        return parser.exit(2, '--threads must be >= 1\n')
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, parser)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, parser) -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
 
     images, labels, classes = load_sample()
-    cpc = timm.create_model(args.model, pretrained=True).eval()
+    most = int(labels.bincount().min()) - VAL_PER_CLASS - 1  # leave images to pick the penalty on and to test on
+    if args.repeats < 1 or not all(1 <= s <= most for s in args.shots):
+        return parser.exit(2, f'cpc-demo: error: --shots must be in [1, {most}] (the sample has '
+                              f'{most + VAL_PER_CLASS + 1} images per class) and --repeats >= 1\n')
+    try:
+        cpc = create_model(args.model, pretrained=True).eval()
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        return parser.exit(2, f'cpc-demo: error: {one_line(e)}\n')
     random = timm.create_model(cpc.pretrained_cfg['architecture'], pretrained=False, num_classes=0,
                                in_chans=cpc.in_chans).eval()
-    print(f'backbone: {args.model} ({sum(p.numel() for p in cpc.parameters()) / 1e6:.2f}M parameters, '
-          f'weights: {cpc.pretrained_cfg.get("file") or cpc.pretrained_cfg.get("hf_hub_id")})')
-    print(f'sample: {len(images)} Fashion-MNIST test images, {len(classes)} classes '
-          f'({", ".join(classes)})')
+    say(f'backbone: {args.model} ({sum(p.numel() for p in cpc.parameters()) / 1e6:.2f}M parameters, '
+        f'weights: {cpc.pretrained_cfg.get("file") or cpc.pretrained_cfg.get("hf_hub_id")})')
+    say(f'sample: {len(images)} Fashion-MNIST test images, {len(classes)} classes ({", ".join(classes)})')
 
-    cpc_pooled, cpc_grid = extract_features(cpc, images, keep_grid=True, progress=False)
+    cpc_pooled, cpc_grid = extract_features(cpc, images, keep_grid=True, desc='CPC features')
     feats = {
         'CPC grid': cpc_grid.float().flatten(1),  # the 6x6 latent grid, as the paper's grid classifiers see it
         'CPC pooled': cpc_pooled,  # mean over the grid: the paper's linear-evaluation feature
         'raw pixels': images.flatten(1).float() / 255,
-        'random-init grid': extract_features(random, images, keep_grid=True, progress=False)[1].float().flatten(1),
+        'random-init grid': extract_features(random, images, keep_grid=True, desc='random-init features')[1]
+        .float().flatten(1),
     }
     dims = {k: v.shape[1] for k, v in feats.items()}
-    print(f'\nfew-shot accuracy on the held-out images (mean ± std over {args.repeats} draws of the labelled set):')
+    say(f'\nfew-shot accuracy on the held-out images (mean ± std over {args.repeats} draws of the labelled set):')
     header = f'{"labels per class":>18} | ' + ' | '.join(f'{k} ({dims[k]}-d)' for k in feats)
-    print(header)
-    print('-' * len(header))
+    say(header)
+    say('-' * len(header))
     for shots in args.shots:
         cells = []
         for name, f in feats.items():
             accs = torch.tensor(few_shot_accuracy(f, labels, shots, args.repeats))
             std = accs.std() if len(accs) > 1 else torch.tensor(0.0)
             cells.append(f'{100 * accs.mean():6.1f}% ± {100 * std:4.1f}'.center(len(f'{name} ({dims[name]}-d)')))
-        print(f'{shots:>18} | ' + ' | '.join(cells))
-    print(f'\ndone in {time.perf_counter() - t0:.1f} s')
+        say(f'{shots:>18} | ' + ' | '.join(cells))  # each row as soon as it is ready
+    say(f'\ndone in {time.perf_counter() - t0:.1f} s')
     return 0
+
+
+def say(line: str) -> None:
+    print(line, flush=True)  # also when stdout is a pipe or a file (make demo | tee ...)
 
 
 if __name__ == '__main__':

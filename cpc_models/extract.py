@@ -21,7 +21,6 @@ Output (safetensors, written to a temporary file and renamed):
   ``safetensors.safe_open(path, 'pt').metadata()`` (see :func:`read_features`).
 """
 import argparse
-import difflib
 import json
 import os
 import sys
@@ -38,6 +37,9 @@ from tqdm import tqdm
 from . import encoder  # noqa: F401  (registers the architectures with timm)
 from ._weights import CorruptWeightsError, check_weights_file
 from .atomic import atomic_file
+from .checks import check_device, check_model_name, check_out_file, one_line
+from .checks import create_model as checked_create_model
+from .config import ConfigError
 from .images import ImageFiles, collate_readable, find_images
 
 __all__ = ['extract_features', 'extract_files', 'normalize', 'read_features', 'main']
@@ -71,11 +73,14 @@ def extract_features(model: torch.nn.Module, images: torch.Tensor, batch_size: i
     was_training = model.training
     model.eval().to(memory_format=torch.channels_last)
     pooled, grids = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(total=len(images), desc=desc, unit='img', disable=not progress, leave=False)
+    for i in range(0, len(images), batch_size):
         z = model.forward_features(normalize(images[i:i + batch_size], model))
         pooled.append(model.forward_head(z, pre_logits=True).float())
         if keep_grid:
             grids.append(z.to(torch.float16).contiguous())
+        bar.update(min(batch_size, len(images) - i))
+    bar.close()
     model.train(was_training)
     return torch.cat(pooled), (torch.cat(grids) if keep_grid else None)
 
@@ -114,7 +119,9 @@ def extract_files(
         num_workers=num_workers, collate_fn=collate_readable, pin_memory=torch.device(device).type == 'cuda')
     model = model.eval().to(device)
     feats, kept, skipped = [], [], []
-    for images, idx, bad in tqdm(loader, desc='cpc-extract', unit='batch', disable=not progress, file=sys.stderr):
+    bar = tqdm(total=len(paths), desc='cpc-extract', unit='img', disable=not progress, file=sys.stderr)
+    for images, idx, bad in loader:
+        bar.update(len(idx) + len(bad))
         skipped.extend((str(paths[i]), err) for i, err in bad)
         if images is None:
             continue
@@ -127,6 +134,7 @@ def extract_files(
             out = model.forward_head(out, pre_logits=True)
         feats.append(out.float().cpu())
         kept.extend(str(paths[i]) for i in idx)
+    bar.close()
     if feats:
         features = torch.cat(feats)
     else:
@@ -154,65 +162,86 @@ def _save(out: Path, features: torch.Tensor, kept: List[str], skipped: List[Tupl
         safetensors.torch.save_file({'features': features.contiguous()}, str(tmp), metadata=metadata)
 
 
-def _check_model_name(name: str) -> None:
-    """Raise ValueError for an unknown architecture, suggesting close names."""
-    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
-        return
-    arch = timm.models.split_model_name_tag(name)[0]
-    if timm.is_model(arch):
-        return
-    cpc = timm.list_models('cpc*')
-    close = difflib.get_close_matches(arch, cpc, n=3, cutoff=0.5) or difflib.get_close_matches(
-        arch, timm.list_models(), n=3, cutoff=0.75)
-    hint = f' Did you mean: {", ".join(close)}?' if close else ''
-    raise ValueError(f'Unknown model "{name}".{hint} CPC models: {", ".join(cpc)} (add a tag as NAME.TAG; '
-                     f'published tags: timm.list_pretrained("cpc*")). Hub repos: hf-hub:ORG/NAME, folders: '
-                     f'local-dir:DIR.')
-
-
 def create_model(name: str, pretrained: bool = True, checkpoint: Optional[str] = None) -> torch.nn.Module:
     """The model for ``cpc-extract``: ``timm.create_model(name, pretrained)``, or the weights of ``checkpoint`` (a
     safetensors file, loaded strictly through the model's checkpoint filter)."""
-    _check_model_name(name)
     if checkpoint:
+        check_model_name(name)
         check_weights_file(checkpoint)
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
-    return timm.create_model(name, pretrained=pretrained)
+        return checked_create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+    return checked_create_model(name, pretrained=pretrained)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='cpc-extract', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Extract features of image files with a CPC (or any timm) model.\n\n'
+                    '  cpc-extract --model cpcv2_resnet_tiny.fmnist images/ --out features.safetensors',
+        epilog='Output: safetensors with tensor "features" and metadata "paths"/"skipped" (JSON lists). Exit status: '
+               '0 written, 2 bad input (one line says what to change).')
+    data = parser.add_argument_group('data')
+    data.add_argument('inputs', nargs='+', help='image files and/or folders (searched recursively)')
+    data.add_argument('--batch-size', type=int, default=64, metavar='N', help='images per forward pass (default: 64)')
+    data.add_argument('--workers', type=int, default=0, metavar='N',
+                      help='DataLoader processes decoding images; 0 = in this process (default: 0)')
+    model = parser.add_argument_group('model')
+    model.add_argument('--model', required=True, metavar='NAME',
+                       help='timm name with a published tag (cpcv2_resnet_tiny.fmnist), hf-hub:ORG/NAME or '
+                            'local-dir:DIR (required)')
+    model.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
+                       help='load the published weights of --model (default: yes)')
+    model.add_argument('--checkpoint', default=None, metavar='FILE',
+                       help='weights to load instead: a .safetensors file, e.g. a cpc-train checkpoint\'s '
+                            'encoder.safetensors (default: none)')
+    out = parser.add_argument_group('output')
+    out.add_argument('--out', required=True, metavar='FILE', help='the .safetensors file to write (required)')
+    out.add_argument('--grid', action='store_true',
+                     help='save the latent grid (N, C, rows, cols) instead of pooled (N, C) features (default: off)')
+    runtime = parser.add_argument_group('runtime')
+    runtime.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, mps or auto (default: cpu)')
+    runtime.add_argument('--no-progress', action='store_true', help='no progress bar (default: a bar on stderr)')
+    return parser
+
+
+def _check_args(args) -> None:
+    """Everything that can be checked before any work; raises ConfigError naming the option."""
+    if args.batch_size < 1:
+        raise ConfigError(f'--batch-size {args.batch_size}: must be >= 1')
+    if args.workers < 0:
+        raise ConfigError(f'--workers {args.workers}: must be >= 0')
+    check_device(args.device)
+    check_out_file(args.out)
+    check_model_name(args.model)
+    if args.checkpoint:
+        try:
+            check_weights_file(args.checkpoint)
+        except (FileNotFoundError, CorruptWeightsError) as e:
+            raise ConfigError(f'--checkpoint: {e}') from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog='cpc-extract', description='Extract features of image files with a CPC (or any timm) model.',
-        epilog='Output: safetensors with tensor "features" and metadata "paths"/"skipped" (JSON lists).')
-    parser.add_argument('inputs', nargs='+', help='image files and/or folders (searched recursively)')
-    parser.add_argument('--model', required=True, help='timm name (tags ok), hf-hub:ORG/NAME or local-dir:DIR')
-    parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
-                        help='load the published weights of --model (default: yes)')
-    parser.add_argument('--checkpoint', default=None, help='weights file (.safetensors) to load instead')
-    parser.add_argument('--out', required=True, help='output .safetensors file')
-    parser.add_argument('--grid', action='store_true', help='save the latent grid (N, C, rows, cols), not (N, C)')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--workers', type=int, default=0, help='DataLoader workers decoding images')
-    parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, mps ...')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
-    args = parser.parse_args(argv)
-
+    args = _parser().parse_args(argv)
     try:
+        _check_args(args)
         paths = find_images(args.inputs)
         model = create_model(args.model, args.pretrained, args.checkpoint)
+    except (ConfigError, ValueError, FileNotFoundError, CorruptWeightsError, RuntimeError) as e:
+        print(f'cpc-extract: error: {one_line(e)}', file=sys.stderr)
+        return 2
+    try:
         features, kept, skipped = extract_files(
-            model, paths, batch_size=args.batch_size, grid=args.grid, device=args.device,
+            model, paths, batch_size=args.batch_size, grid=args.grid, device=check_device(args.device),
             num_workers=args.workers, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, CorruptWeightsError, RuntimeError) as e:
-        print(f'cpc-extract: error: {e}', file=sys.stderr)
-        return 1
+    except ValueError as e:  # --grid for a model without a feature grid
+        print(f'cpc-extract: error: {one_line(e)}', file=sys.stderr)
+        return 2
     if skipped:
         print(f'cpc-extract: skipped {len(skipped)} unreadable image(s):', file=sys.stderr)
         for p, err in skipped:
             print(f'  {p}: {err}', file=sys.stderr)
     if not kept:
-        print('cpc-extract: error: no image could be read; nothing written.', file=sys.stderr)
-        return 1
+        print(f'cpc-extract: error: none of the {len(paths)} image(s) could be read; nothing written.', file=sys.stderr)
+        return 2
     _save(Path(args.out), features, kept, skipped, dict(
         model=args.model, checkpoint=args.checkpoint or '', grid=args.grid,
         data_config=timm.data.resolve_model_data_config(model)))

@@ -17,7 +17,7 @@ API:
 * :func:`check_weights_file` / :func:`load_weights` (from ``cpc_models._weights``): safe loading with errors that
   name the file and say what to do.
 
-CLI: ``python -m cpc_models.hub export --checkpoint DIR --out DIR [--tag T] [--push ORG/NAME]``,
+CLI: ``python -m cpc_models.hub export --checkpoint DIR --out DIR --tag T [--push ORG/NAME]``,
 ``python -m cpc_models.hub push FOLDER ORG/NAME`` and
 ``python -m cpc_models.hub cache FOLDER ORG/NAME [--cache-dir D]``.
 """
@@ -42,6 +42,7 @@ from . import encoder  # noqa: F401  (registers the architectures)
 from ._weights import WEIGHTS_NAME, CorruptWeightsError, check_weights_file, load_weights
 from .atomic import atomic_dir, atomic_file, write_text
 from .checkpoint import read_config, resolve_checkpoint
+from .checks import one_line
 
 __all__ = [
     'export_pretrained', 'export_checkpoint', 'push_to_hub', 'add_to_hf_cache', 'check_weights_file',
@@ -146,7 +147,8 @@ def export_pretrained(
     Args:
         model: a model from ``timm.create_model`` (its ``pretrained_cfg`` and factory args go into config.json).
         out_dir: the folder to create. Written to a temporary sibling and renamed, so it exists only complete.
-        tag: pretrained tag (``cpcv2_resnet161.<tag>``), stored in ``pretrained_cfg.tag`` and used in names.
+        tag: pretrained tag (``cpcv2_resnet161.<tag>``), stored in ``pretrained_cfg.tag`` and used in names; None
+            stores no tag (not the one the model was created with: these are other weights).
         model_card: optional card fields: ``description``, ``tags`` (extra), ``dataset``, ``details`` (dict),
             ``training_command``, ``training_config`` (dict), ``metrics`` (dict), ``wall_time_s``, ``hardware``,
             ``license``, ``citation``.
@@ -167,6 +169,10 @@ def export_pretrained(
     model_config = {'pretrained_cfg': {'tag': tag}} if tag else None
     with atomic_dir(out_dir, overwrite) as tmp:
         save_for_hf(model, tmp, model_config=model_config, safe_serialization=True)
+        if not tag:  # timm copies the creating cfg's tag (e.g. the registered default); it names other weights
+            config = json.loads((tmp / 'config.json').read_text())
+            config.get('pretrained_cfg', {}).pop('tag', None)
+            (tmp / 'config.json').write_text(json.dumps(config, indent=4))
         (tmp / 'README.md').write_text(_readme(model, name, repo_id, model_card or {}), encoding='utf-8')
         check_weights_file(tmp / WEIGHTS_NAME)
     if push_to:
@@ -324,7 +330,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser('export', help='cpc-train checkpoint folder -> published folder (optionally pushed)')
     p.add_argument('--checkpoint', required=True, help='checkpoint folder (encoder.safetensors + config.json)')
     p.add_argument('--out', required=True, help='published folder to create')
-    p.add_argument('--tag', default=None, help='pretrained tag, e.g. in1k')
+    p.add_argument('--tag', required=True, help='pretrained tag naming these weights, <arch>.<tag>: e.g. fmnist, in1k '
+                                                '(required)')
     p.add_argument('--push', default=None, metavar='ORG/NAME', help='also upload to this Hub repo')
     p.add_argument('--token', default=None, help='Hugging Face token (default: logged-in / HF_TOKEN)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing --out folder')
@@ -349,8 +356,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             commit = add_to_hf_cache(args.folder, args.repo_id, cache_dir=args.cache_dir)
             print(f'Added {args.folder} to the Hugging Face cache as {args.repo_id}@{commit}')
     except (FileNotFoundError, FileExistsError, CorruptWeightsError, RuntimeError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+        print(f'python -m cpc_models.hub: error: {one_line(e)}', file=sys.stderr)
+        return 2
     return 0
 
 

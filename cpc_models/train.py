@@ -7,17 +7,22 @@
 Every config value can be overridden on the command line (``--lr 1e-3 --objective.directions 2``); the resolved
 config is printed at start and stored in every checkpoint. A run resumes from the newest checkpoint in
 ``--out-dir`` with ``--resume`` (default ``auto``), continuing exactly where it stopped (same batches, same
-augmentation draws). SIGTERM saves a checkpoint at the end of the current step and exits.
+augmentation draws). SIGINT (Ctrl-C) and SIGTERM save a checkpoint at the end of the current step, print the
+command that resumes, and exit with 130 / 143 (a second Ctrl-C aborts without saving). The config is checked before
+any work (ranges, model, device, data, patch grid against the image size): a bad value exits with status 2 and one
+line naming the option; so does data without a readable image.
 """
 import dataclasses
 import json
+import os
 import resource
+import shlex
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import timm
 import torch
@@ -32,16 +37,26 @@ from . import encoder as _encoder  # noqa: F401  (registers the cpc models with 
 from .atomic import write_text
 from .augment import PatchAugment, PatchAugmentConfig
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, resolve_checkpoint, save_checkpoint
-from .data import ImageFolderDataset, StepSampler, TensorImageDataset, load_fashion_mnist
+from .checks import check_device, check_model_name, one_line
+from .data import (
+    ImageFolderDataset,
+    NoReadableImagesError,
+    StepSampler,
+    TensorImageDataset,
+    check_readable,
+    fashion_mnist_dir,
+    load_fashion_mnist,
+    refill,
+)
 from .distributed import init_distributed
 from .images import collate_readable
 from .objective import CPCObjective, ObjectiveConfig, ObjectiveOutput
 from .patches import patchify
 from .schedule import warmup_cosine
 
-__all__ = ['TrainConfig', 'PRESETS', 'build_config', 'CPCModel', 'build_model', 'build_optimizer', 'StepSetup',
-           'build_step_setup', 'train_step', 'compile_trunk', 'lr_at', 'train', 'main', 'NonFiniteLossError',
-           'latest_checkpoint']
+__all__ = ['TrainConfig', 'PRESETS', 'build_config', 'check_config', 'CPCModel', 'build_model', 'build_optimizer',
+           'StepSetup', 'build_step_setup', 'train_step', 'compile_trunk', 'lr_at', 'train', 'main',
+           'NonFiniteLossError', 'NoReadableImagesError', 'latest_checkpoint']
 
 
 # ============ config ============
@@ -58,6 +73,8 @@ class TrainConfig:
     image_size: int = 0  # training crop; 0 = the model cfg's input size
     resize: int = 0  # short side before cropping (folders); 0 = image_size
     num_workers: int = 0  # DataLoader processes decoding images
+    # a local batch without a readable image is refilled from the files after it; this many unreadable in a row: stop
+    max_unreadable: int = 64
     # ---- optimization ----
     batch_size: int = 64  # global batch (split over ranks)
     epochs: float = 1.0  # run length in passes over the data
@@ -125,6 +142,72 @@ def build_config(argv: Optional[List[str]] = None) -> TrainConfig:
     return C.parse_args(preset_config(preset), argv, prog='cpc-train', description=__doc__,
                         selectors={'preset': f'the recipe to start from: {", ".join(PRESETS)} '
                                              f'(default: {DEFAULT_PRESET})'})
+
+
+FASHION_MNIST_SIZE = 28
+
+
+def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
+    """Everything about a run that can be checked before any work: ranges, model, device, data, resume, and the
+    patch grid of the model on the data's images against the objective. Raises ConfigError naming the option."""
+    world = world or int(os.environ.get('WORLD_SIZE', '1'))
+    for key, low, low_open in (('batch_size', 1, False), ('epochs', 0, True), ('max_steps', 0, False),
+                               ('lr', 0, True), ('warmup_steps', 0, False), ('weight_decay', 0, False),
+                               ('grad_clip', 0, False), ('num_workers', 0, False), ('image_size', 0, False),
+                               ('resize', 0, False), ('max_unreadable', 0, False), ('save_every', 1, False),
+                               ('keep_last', 0, False), ('log_every', 1, False), ('seed', 0, False)):
+        C.check_range(cfg, key, low, low_open=low_open)
+    C.check_range(cfg, 'min_lr_ratio', 0, 1)
+    C.check_range(cfg, 'betas', 0, 1, high_open=True)
+    if len(cfg.betas) != 2:
+        raise C.ConfigError(f'--betas {cfg.betas}: AdamW takes two betas, e.g. 0.9,0.999')
+    if cfg.batch_size % world:
+        raise C.ConfigError(f'--batch-size {cfg.batch_size}: the global batch must split evenly over the {world} '
+                            f'processes')
+    check_device(cfg.device)
+    check_model_name(cfg.model)
+    fmnist = cfg.data == 'fashion-mnist'
+    if fmnist:
+        try:
+            fashion_mnist_dir(cfg.data_dir or None)
+        except FileNotFoundError as e:
+            raise C.ConfigError(f'--data fashion-mnist: {e}') from None
+        if cfg.image_size not in (0, FASHION_MNIST_SIZE):
+            raise C.ConfigError(f'--image-size {cfg.image_size}: Fashion-MNIST images are {FASHION_MNIST_SIZE} px '
+                                f'(give 0); other sizes need a folder of images (--data FOLDER)')
+    elif not cfg.data:
+        raise C.ConfigError('--data: this preset needs a folder of training images (e.g. ImageNet\'s train/), or '
+                            '--data fashion-mnist')
+    elif not Path(cfg.data).is_dir():
+        raise C.ConfigError(f'--data {cfg.data}: no such folder (give a folder of JPEG/PNG images, searched '
+                            f'recursively, or fashion-mnist)')
+    if cfg.resume not in ('auto', 'none'):
+        try:
+            resolve_checkpoint(cfg.resume)
+        except FileNotFoundError as e:
+            raise C.ConfigError(f'--resume: {e} Or give auto (the newest in --out-dir) or none.') from None
+    with torch.device('meta'):  # shapes only: the ImageNet encoders are large
+        try:
+            encoder = timm.create_model(cfg.model, pretrained=False, num_classes=0, **cfg.model_args)
+        except TypeError as e:
+            raise C.ConfigError(f'--model_args {json.dumps(cfg.model_args)}: {cfg.model} does not take them ({e})'
+                                ) from None
+        try:
+            objective = CPCObjective(encoder.num_features, **dataclasses.asdict(cfg.objective))
+        except ValueError as e:
+            raise C.ConfigError(f'--objective: {e}') from None
+    native = timm.data.resolve_model_data_config(encoder)['input_size'][-1]
+    img = FASHION_MNIST_SIZE if fmnist else (cfg.image_size or native)
+    if not fmnist and cfg.resize and cfg.resize < img:
+        raise C.ConfigError(f'--resize {cfg.resize}: smaller than the {img} px crop; give 0 or at least {img}')
+    try:
+        rows, cols = encoder.grid_size(img)
+        objective.check_latents(torch.empty(1, encoder.num_features, rows, cols, device='meta'))
+    except ValueError as e:
+        source = 'Fashion-MNIST\'s' if fmnist else f'the {img} px crops of'
+        hint = (f' Train {cfg.model} on a folder of images instead: --data FOLDER (crops of {native} px).'
+                if fmnist and native > FASHION_MNIST_SIZE else '')
+        raise C.ConfigError(f'--model {cfg.model} on {source} {img} px images: {e}{hint}') from None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -238,60 +321,60 @@ def _dataset(cfg: TrainConfig, in_chans: int, img_size: int):
     return ImageFolderDataset(cfg.data, img_size, in_chans, resize=cfg.resize or None, train=True)
 
 
-def _check_data(cfg: TrainConfig) -> None:
-    if cfg.data == 'fashion-mnist':
-        return
-    if not cfg.data:
-        raise ValueError("This preset needs --data: a folder of training images (e.g. ImageNet's train/), "
-                         "or --data fashion-mnist.")
-    if not Path(cfg.data).is_dir():
-        raise FileNotFoundError(f'--data {cfg.data}: no such folder (pass a folder of JPEG/PNG images, searched '
-                                f'recursively, or fashion-mnist).')
-
-
 # ============ bookkeeping ============
+
+class Flags(NamedTuple):
+    """What :meth:`StepStats.read` returns: the same values on every rank."""
+    skipped: int  # unreadable images since the last read, all ranks
+    stop: bool  # a stop was requested (SIGINT / SIGTERM) on some rank
+    no_images: bool  # some rank found no readable image for its batch (data.refill gave up)
+    non_finite: Optional[Tuple[int, float]]  # (step, loss) of the first non-finite loss, or None
+
 
 class StepStats:
     """What the host learns about the steps, in one collective per step and one host sync per log or checkpoint.
 
-    Per step: the loss and accuracies (mean over ranks: the single-process values on the global batch) and two
-    flags, unreadable images and stop requests (sums over ranks), reduced together. The flags and the first
-    non-finite loss accumulate on the device until :meth:`read`, which only log and checkpoint steps call, so the
-    host never waits for the device in between; every rank reads the same values and acts the same.
+    Per step: the loss and accuracies (mean over ranks: the single-process values on the global batch) and three
+    flags, unreadable images, stop requests and ranks without a readable image (sums over ranks), reduced together.
+    The flags and the first non-finite loss accumulate on the device until :meth:`read`, which only log and
+    checkpoint steps call, so the host never waits for the device in between; every rank reads the same values and
+    acts the same.
     """
 
     def __init__(self, device: torch.device, world: int):
         self.world = world
-        self.flags = torch.zeros(2, device=device)  # this step: unreadable images, stop requested
-        # since the last read: unreadable images, stop requests, first non-finite step (-1: none) and its loss
-        self.pending = torch.tensor([0.0, 0.0, -1.0, 0.0], dtype=torch.float64, device=device)
+        self.flags = torch.zeros(3, device=device)  # this step: unreadable images, stop requested, no readable image
+        # since the last read: the three flags, first non-finite step (-1: none) and its loss
+        self.pending = torch.tensor([0.0, 0.0, 0.0, -1.0, 0.0], dtype=torch.float64, device=device)
         self.last: Optional[torch.Tensor] = None
 
-    def update(self, step: int, out: ObjectiveOutput, unreadable: int, stop_requested: bool) -> None:
+    def update(self, step: int, out: ObjectiveOutput, unreadable: int, stop_requested: bool,
+               no_images: bool = False) -> None:
         self.flags[0].fill_(unreadable)
         self.flags[1].fill_(float(stop_requested))
+        self.flags[2].fill_(float(no_images))
         values = [out.loss.detach().float(), *[v.detach().float() for v in out.metrics.values()]]
         stats = torch.cat([torch.stack(values), self.flags])
         if self.world > 1:
             torch.distributed.all_reduce(stats)
-            stats[:-2] /= self.world
-        self.pending[:2] += stats[-2:]
-        first_bad = ~torch.isfinite(stats[0]) & (self.pending[2] < 0)
-        self.pending[2:] = torch.where(first_bad, torch.stack([torch.full_like(self.pending[2], step),
-                                                               stats[0].double()]), self.pending[2:])
+            stats[:-3] /= self.world
+        self.pending[:3] += stats[-3:]
+        first_bad = ~torch.isfinite(stats[0]) & (self.pending[3] < 0)
+        self.pending[3:] = torch.where(first_bad, torch.stack([torch.full_like(self.pending[3], step),
+                                                               stats[0].double()]), self.pending[3:])
         self.last = stats
 
-    def read(self) -> Tuple[int, bool, Optional[Tuple[int, float]]]:
-        """(unreadable images, stop requested, (step, loss) of the first non-finite loss or None) since the last
-        read. Waits for the device."""
-        skipped, stops, bad_step, bad_loss = self.pending.tolist()
-        self.pending[:2] = 0
-        return int(skipped), stops > 0, ((int(bad_step), bad_loss) if bad_step >= 0 else None)
+    def read(self) -> Flags:
+        """The flags since the last read. Waits for the device."""
+        skipped, stops, no_images, bad_step, bad_loss = self.pending.tolist()
+        self.pending[:3] = 0
+        return Flags(int(skipped), stops > 0, no_images > 0,
+                     (int(bad_step), bad_loss) if bad_step >= 0 else None)
 
     def values(self, names) -> Dict[str, float]:
         """The last step's loss and metrics (``names``: the keys of ObjectiveOutput.metrics)."""
         values = self.last.tolist()
-        return dict(loss=values[0], **dict(zip(names, values[1:-2])))
+        return dict(loss=values[0], **dict(zip(names, values[1:-3])))
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -331,12 +414,16 @@ def _memory_mb(device: torch.device) -> float:
 # ============ training ============
 
 def train(cfg: TrainConfig) -> Dict:
-    """Run (or resume) pretraining; returns the final metrics. Raises NonFiniteLossError on NaN/inf loss."""
+    """Run (or resume) pretraining; returns the final metrics.
+
+    Raises ConfigError (a bad config, before any work), NoReadableImagesError (the data has no readable image),
+    NonFiniteLossError (NaN/inf loss), each with a message that says what to do.
+    """
     # ============ distributed and device ============
-    _check_data(cfg)
+    check_config(cfg)
     rank, world, device = init_distributed()
     if cfg.device != 'auto':
-        device = torch.device(cfg.device)
+        device = check_device(cfg.device)
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
@@ -351,6 +438,7 @@ def train(cfg: TrainConfig) -> Dict:
 
     # ============ data ============
     dataset = _dataset(cfg, in_chans, img_size)
+    check_readable(dataset)  # a folder of junk stops here, on every rank alike
 
     # ============ optimizer ============
     optimizer = build_optimizer(cfg, model)
@@ -384,7 +472,7 @@ def train(cfg: TrainConfig) -> Dict:
     total_steps = cfg.max_steps or int(cfg.epochs * sampler.steps_per_epoch)
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_readable, num_workers=cfg.num_workers,
-        pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0)
+        pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0, worker_init_fn=_ignore_sigint)
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     if cfg.compile:
         compile_trunk(encoder)
@@ -399,15 +487,24 @@ def train(cfg: TrainConfig) -> Dict:
 
     stop = {'signal': None}
 
-    def _on_sigterm(signum, frame):
+    def _on_signal(signum, frame):
+        if stop['signal'] == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: abort without saving
         stop['signal'] = signum
+        if main_process:
+            print(f'\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint'
+                  + (' (Ctrl-C again to abort without saving)' if signum == signal.SIGINT else ''),
+                  file=sys.stderr, flush=True)
 
-    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm) if main_process or world > 1 else None
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous_handlers = {s: signal.signal(s, _on_signal) for s in handled}
 
     # ============ training loop ============
     metrics: Dict = {}
     last_ckpt = latest_checkpoint(out_dir) if main_process else None
     skipped_total = 0
+    errors: List[Tuple[int, str]] = []  # the first unreadable files of this rank, for the error message
+    last_batch: Optional[torch.Tensor] = None
     stats = StepStats(device, world)
     log_file = open(out_dir / 'metrics.jsonl', 'a') if main_process else None
     bar = tqdm(total=total_steps, initial=step, disable=not (main_process and cfg.progress), desc='cpc-train')
@@ -418,13 +515,24 @@ def train(cfg: TrainConfig) -> Dict:
         for batch, _, unreadable in loader:
             if step >= total_steps:
                 break
-            if batch is None:
-                skipped_total += len(unreadable)
-                continue
+            if batch is None:  # no readable image in this rank's slice: refill from the files that follow
+                batch, more = refill(dataset, [i for i, _ in unreadable], local_batch, cfg.max_unreadable)
+                unreadable = unreadable + more
+            errors += unreadable[:max(0, 3 - len(errors))]
+            no_images = batch is None
+            if no_images:
+                if world == 1:
+                    raise NoReadableImagesError(dataset, skipped_total + stats.read().skipped + len(unreadable),
+                                                errors)
+                # the other ranks wait for this one in the step's collectives: it takes part with its last batch,
+                # and all stop together at the next read (before anything of this step is logged or saved)
+                batch = last_batch if last_batch is not None else torch.zeros(
+                    local_batch, in_chans, img_size, img_size, dtype=torch.uint8)
             if world > 1 and batch.shape[0] < local_batch:  # unreadable images: refill so every rank has the same
                 batch = batch[torch.arange(local_batch) % batch.shape[0]]  # shape (the target gather needs it)
+            last_batch = batch
             out, grad_norm = train_step(ddp_model, batch, optimizer, setup, lr_at(step, cfg, total_steps))
-            stats.update(step, out, len(unreadable), stop['signal'] is not None)
+            stats.update(step, out, len(unreadable), stop['signal'] is not None, no_images)
             step += 1
             images_since += batch.shape[0] * world
             bar.update(1)
@@ -434,10 +542,17 @@ def train(cfg: TrainConfig) -> Dict:
             stopping = world == 1 and stop['signal'] is not None  # one process: no need to wait for a read
             if not (log_now or save_now or stopping):
                 continue
-            skipped, stop_requested, bad = stats.read()
-            skipped_total += skipped
-            stopping = stopping or stop_requested
-            if bad is not None:
+            flags = stats.read()
+            skipped_total += flags.skipped
+            stopping = stopping or flags.stop
+            if flags.no_images:  # every rank reads the same flags: all stop here, together
+                if world > 1:
+                    gathered = [None] * world
+                    torch.distributed.all_gather_object(gathered, errors[:3])
+                    errors = [e for rank_errors in gathered for e in rank_errors]
+                raise NoReadableImagesError(dataset, skipped_total, errors)
+            if flags.non_finite is not None:
+                bad = flags.non_finite
                 raise NonFiniteLossError(
                     f'Loss is {bad[1]} at step {bad[0]}; stopping. Last good checkpoint: {last_ckpt or "none"}. '
                     f'Lower --lr, raise --warmup-steps or check the data, then resume with --resume '
@@ -471,34 +586,80 @@ def train(cfg: TrainConfig) -> Dict:
                 if world > 1:
                     torch.distributed.barrier()
             if stopping:
+                signum = stop['signal'] or signal.SIGTERM  # another rank's signal, under DDP
                 if main_process:
-                    print(f'stopped by signal at step {step}; resume with --resume auto --out-dir {out_dir}')
+                    print(f'stopped by {signal.Signals(signum).name} at step {step}; saved {last_ckpt}', flush=True)
+                stop['signal'] = signum
                 break
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f'aborted at step {step} without saving; the last checkpoint is '
+                                f'{last_ckpt or "none"}') from None
     finally:
         bar.close()
         if log_file:
             log_file.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     if skipped_total and main_process:
         print(f'skipped {skipped_total} unreadable images')
     return dict(metrics, step=step, checkpoint=str(last_ckpt) if last_ckpt else None, stopped=stop['signal'])
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers: Ctrl-C reaches the whole process group; the main process decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _resume_command(argv: List[str], world: int) -> str:
+    """The command that resumes a stopped run: the same options, with --resume auto."""
+    kept, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok.replace('_', '-') == '--resume':
+            skip = True
+        elif not tok.replace('_', '-').startswith('--resume='):
+            kept.append(tok)
+    prog = 'cpc-train' if world == 1 else f'torchrun --nproc_per_node {world} -m cpc_models.train'
+    return ' '.join([prog, *map(shlex.quote, kept), '--resume', 'auto'])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    cfg = build_config(argv)
+    """cpc-train. Exit status: 0 done, 2 bad input (one line says what to change: config, data, checkpoint, or a
+    non-finite loss), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (the resume command is printed).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        cfg = build_config(argv)
+    except SystemExit as e:  # --help (0), or an option the parser rejects (2, said in one line)
+        return e.code
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
     try:
         result = train(cfg)
-    except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
+    except C.ConfigError as e:  # checked before any work, the same on every rank
+        if rank == 0:
+            C.usage_error('cpc-train', one_line(e))
         return 2
-    except (ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint: say what to change
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    except (NonFiniteLossError, NoReadableImagesError) as e:  # every rank stops together, on the same values
+        if rank == 0:
+            print(f'cpc-train: error: {one_line(e)}', file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:  # the data or the checkpoint: say what to change
+        print(f'cpc-train: error: {"" if world == 1 else f"[rank {rank}] "}{one_line(e)}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        if rank == 0:
+            print(f'cpc-train: {str(e) or "aborted"}', file=sys.stderr)
+        return 130
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0 if result['stopped'] is None else 143
+    if result['stopped'] is None:
+        return 0
+    if rank == 0:
+        print(f'resume with: {_resume_command(argv, world)}', flush=True)
+    return 128 + int(result['stopped'])
 
 
 if __name__ == '__main__':

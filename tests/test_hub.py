@@ -138,8 +138,8 @@ def test_export_checkpoint_and_cli(model, tmp_path):
         assert text in readme
     assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['tag'] == 'fmnist'
     # an existing folder is not overwritten unless asked
-    assert hub.main(['export', '--checkpoint', str(ckpt), '--out', str(out)]) == 1
-    assert hub.main(['export', '--checkpoint', str(ckpt), '--out', str(out), '--overwrite']) == 0
+    assert hub.main(['export', '--checkpoint', str(ckpt), '--out', str(out), '--tag', 'fmnist']) == 2
+    assert hub.main(['export', '--checkpoint', str(ckpt), '--out', str(out), '--tag', 'fmnist', '--overwrite']) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ['pub', 'step_000010']
     # no recorded command line: a cpc-train command reproducing the config goes into the card
     config.pop('command')

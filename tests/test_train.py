@@ -127,8 +127,10 @@ def reference(tmp_path_factory):
 
 
 def _start(out, extra=()):
+    # a session of its own, so that a signal can go to the whole process group, as Ctrl-C in a terminal does
     return subprocess.Popen([sys.executable, '-m', 'cpc_models.train', *RESUME, '--out-dir', str(out), *extra],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _wait_for(proc, cond, timeout=120):
@@ -153,17 +155,26 @@ def _assert_same_run(out, reference):
     assert all(torch.equal(a, b) for a, b in zip(s1['rng_aug'], s2['rng_aug']))
 
 
-def test_resume_after_sigterm_is_exact(tmp_path, reference, capsys):
+@pytest.mark.parametrize('sig, status, workers', [(signal.SIGTERM, 143, 0), (signal.SIGINT, 130, 1)],
+                         ids=['SIGTERM', 'SIGINT'])
+def test_resume_after_a_signal_is_exact(sig, status, workers, tmp_path, reference, capsys):
+    """SIGTERM (to the process) and Ctrl-C (SIGINT to the process group: the DataLoader worker gets it too) both
+    save a checkpoint at the step where they land, print the resume command, and resuming reproduces the
+    uninterrupted run bit for bit."""
     out = tmp_path / 'run'
-    proc = _start(out)
+    proc = _start(out, ['--num-workers', str(workers)])
     _wait_for(proc, lambda: (out / 'metrics.jsonl').is_file() and len(_log(out)) >= 3)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == status, stderr
+    assert 'Traceback' not in stderr, stderr
     stopped = int(_ckpts(out)[-1].split('_')[1])
     assert 3 <= stopped < 16, _ckpts(out)  # a checkpoint at the step where the signal landed
-    assert f'stopped by signal at step {stopped}' in stdout
-    rc, stdout, _ = _run(RESUME + ['--out-dir', str(out), '--resume', 'auto'], capsys)
+    assert f'stopped by {sig.name} at step {stopped}' in stdout
+    resume = stdout.split('resume with: ', 1)[1].splitlines()[0].split()
+    assert resume[0] == 'cpc-train' and resume[-2:] == ['--resume', 'auto']
+    assert resume[1:-2] == [*RESUME, '--out-dir', str(out), '--num-workers', str(workers)]
+    rc, stdout, _ = _run(resume[1:], capsys)  # the printed command, as given
     assert rc == 0 and f'resumed from {out / "checkpoints" / f"step_{stopped:08d}"} at step {stopped}' in stdout
     _assert_same_run(out, reference)
 
@@ -249,7 +260,7 @@ def test_ddp_two_processes_match_one(tmp_path, capsys):
     # resuming with another world size is refused, with the reason
     rc, _, err = _run(DDP + ['--out-dir', str(tmp_path / 'other'), '--max-steps', '9',
                              '--resume', str(ddp / 'checkpoints' / 'step_00000002')], capsys)
-    assert rc == 1
+    assert rc == 2
     assert 'written by 2 process(es); resume it with the same number (now 1)' in err
 
 
@@ -404,7 +415,7 @@ def test_image_folder_with_corrupt_files(tmp_path, capsys):
     assert f'skipped {expected} unreadable images' in stdout
     # a missing folder is a clear error, not a traceback
     rc, _, err = _run(FAST + ['--data', str(tmp_path / 'nope'), '--out-dir', str(out)], capsys)
-    assert rc == 1 and 'no such folder' in err
+    assert rc == 2 and 'no such folder' in err
 
 
 # ============ 7. command line and presets ============
@@ -469,7 +480,7 @@ def test_presets_resolve_and_build(preset, tmp_path, capsys):
         return
     assert cfg.data == '' and cfg.resize >= cfg.image_size
     rc, _, err = _run(['--preset', preset, '--out-dir', str(tmp_path)], capsys)
-    assert rc == 1 and 'This preset needs --data' in err
+    assert rc == 2 and '--data: this preset needs a folder of training images' in err
 
 
 def test_cpc_train_help():

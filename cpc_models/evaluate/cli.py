@@ -4,11 +4,12 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .. import config as C
+from ..checks import one_line
 from .eval_config import EvalConfig
-from .figure1 import check_config, merge_results, report, run_figure1
+from .figure1 import EvalInputError, check_config, merge_results, report, run_figure1
 from .report import write_results
 
 __all__ = ['main']
@@ -18,29 +19,45 @@ cpc-eval plot DIR                                                 table.md and f
 cpc-eval merge DIR PART [PART ...]                                merge figure1 outputs run as parallel parts'''
 
 
+def _read_results(folder: Path, command: str) -> Dict:
+    path = folder / 'results.json'
+    if not path.is_file():
+        what = 'no such folder' if not folder.is_dir() else 'it has no results.json'
+        raise ValueError(f'{folder}: {what}; {command} takes cpc-eval figure1 output folders (--out), each with '
+                         f'results.json (written after each run)')
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}); run that part again') from None
+
+
 def _plot_or_merge(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog='cpc-eval', usage=USAGE)
     sub = p.add_subparsers(dest='command', required=True)
-    sub.add_parser('plot').add_argument('out', type=Path)
-    m = sub.add_parser('merge')
-    m.add_argument('out', type=Path)
+    sub.add_parser('plot', help='table.md and figure1.png again').add_argument(
+        'out', type=Path, help='a figure1 output folder (with results.json)')
+    m = sub.add_parser('merge', help='one table from parts run in parallel')
+    m.add_argument('out', type=Path, help='the folder to write the merged results.json, table.md, figure1.png to')
     m.add_argument('parts', type=Path, nargs='+', help='figure1 output folders, each with results.json')
     args = p.parse_args(argv)
-    if args.command == 'merge':
-        try:
-            payload = merge_results([json.loads((part / 'results.json').read_text()) for part in args.parts])
-        except ValueError as e:
-            print(f'cpc-eval: error: {e}', file=sys.stderr)
-            return 2
-        args.out.mkdir(parents=True, exist_ok=True)
-    else:
-        payload = json.loads((args.out / 'results.json').read_text())
+    try:
+        if args.command == 'merge':
+            payload = merge_results([_read_results(part, 'merge') for part in args.parts])
+            if args.out.exists() and not args.out.is_dir():
+                raise ValueError(f'{args.out} is a file; give a folder for the merged results')
+            args.out.mkdir(parents=True, exist_ok=True)
+        else:
+            payload = _read_results(args.out, 'plot')
+    except ValueError as e:
+        print(f'cpc-eval {args.command}: error: {e}', file=sys.stderr)
+        return 2
     print(report(args.out, payload))
     write_results(args.out, payload)
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """cpc-eval. Exit status: 0 done, 2 bad input (one line says what to change)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ('-h', '--help'):
         print(f'usage:\n{USAGE}\n\ncpc-eval figure1 --help lists every option; docs/evaluation.md the protocols.')
@@ -52,10 +69,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         check_config(cfg)
         if not cfg.out:
-            raise ValueError('Give --out: the folder for results.json, table.md and figure1.png.')
+            raise C.ConfigError('--out: give the folder for results.json, table.md and figure1.png')
     except ValueError as e:
+        return C.usage_error(prog, one_line(e))
+    command = 'python -m cpc_models.evaluate ' + ' '.join(shlex.quote(a) for a in argv)
+    try:
+        run_figure1(cfg, Path(cfg.out), command)
+    except EvalInputError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
-    command = 'python -m cpc_models.evaluate ' + ' '.join(shlex.quote(a) for a in argv)
-    run_figure1(cfg, Path(cfg.out), command)
     return 0

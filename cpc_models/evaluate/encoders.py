@@ -8,14 +8,40 @@ import torch
 import torch.nn as nn
 
 from .. import encoder as _encoder  # noqa: F401  (registers the cpc models with timm)
+from .._weights import CorruptWeightsError, check_weights_file
 from ..checkpoint import read_config, resolve_checkpoint
+from ..checks import check_model_name
+from ..config import ConfigError
 
-__all__ = ['create_encoder', 'load_encoder']
+__all__ = ['create_encoder', 'check_checkpoint', 'load_encoder']
+
+KINDS = 'a timm name.tag, a .safetensors file, a checkpoint (or run) folder, a published folder, or "random"'
 
 
 def create_encoder(name: str, model_args: Dict, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(name, pretrained, num_classes=0, **model_args, **kwargs)``: an encoder without head."""
     return timm.create_model(name, pretrained=pretrained, num_classes=0, **{**model_args, **kwargs})
+
+
+def check_checkpoint(checkpoint: str) -> None:
+    """What :func:`load_encoder` would load exists and is of a kind it reads; else ConfigError naming --checkpoint."""
+    path = Path(checkpoint).expanduser()
+    try:
+        if checkpoint == 'random':
+            return
+        if path.is_dir():
+            if not (path / 'model.safetensors').is_file():
+                resolve_checkpoint(path)
+            return
+        if path.is_file() or path.suffix == '.safetensors':
+            check_weights_file(path)
+            return
+    except (FileNotFoundError, CorruptWeightsError) as e:
+        raise ConfigError(f'--checkpoint: {e}') from None
+    if '.' in checkpoint and '/' not in checkpoint:
+        check_model_name(checkpoint, '--checkpoint')
+        return
+    raise ConfigError(f'--checkpoint {checkpoint}: no such file or folder; give {KINDS}')
 
 
 def load_encoder(checkpoint: str, model: str = 'cpcv2_resnet_tiny', model_args: Optional[Dict] = None,

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Tuple
 
 from ..classifier import GRID_CLASSIFIER_SIZES
+from ..config import check_range
 
 __all__ = ['EvalConfig', 'DEFAULT_FRACTIONS', 'DEFAULT_ARMS']
 
@@ -55,7 +56,8 @@ class EvalConfig:
     progress: bool = True  # progress bars
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad value and what is allowed (arm names: figure1.check_config)."""
+        """Raise ValueError (config.ConfigError for ranges) naming the first bad value and what is allowed (arm names,
+        encoder and data: figure1.check_config)."""
         for f in self.fractions:
             if not 0 < f <= 1:
                 raise ValueError(f'Label fraction {f} is outside (0, 1]; give fractions like 0.01 for 1%.')
@@ -70,3 +72,13 @@ class EvalConfig:
             raise ValueError(f'val_size must be >= 10 (one image per class), got {self.val_size}.')
         if not self.linear_wds:
             raise ValueError('linear_wds needs at least one value.')
+        for key in ('seeds', 'val_seed', 'train_subset', 'eval_limit', 'random_init_seed', 'threads', 'aug_pad',
+                    'linear_wds', 'frozen_wd', 'e2e_wd', 'frozen_epochs', 'e2e_epochs'):
+            check_range(self, key, 0)
+        for key in ('extract_batch', 'linear_max_iter', 'frozen_max_steps', 'frozen_batch', 'e2e_max_steps',
+                    'e2e_batch'):
+            check_range(self, key, 1)
+        for key in ('frozen_lr', 'e2e_lr', 'finetune_encoder_lr_scale'):
+            check_range(self, key, 0, low_open=True)
+        check_range(self, 'classifier_drop', 0, 1, high_open=True)
+        check_range(self, 'warmup_frac', 0, 1)

@@ -15,6 +15,7 @@ randomly initialized encoder of the same architecture).
 """
 import copy
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import config as C
+from ..checks import check_model_name, one_line
+from ..data import fashion_mnist_dir
 from .data import EvalData, Features, balanced_subset, features_for, load_eval_data
-from .encoders import create_encoder, load_encoder
+from .encoders import check_checkpoint, create_encoder, load_encoder
 from .eval_config import EvalConfig
 from .protocols import (
     EncoderClassifier,
@@ -40,8 +43,8 @@ from .protocols import (
 )
 from .report import check_targets, summarize, write_report, write_results
 
-__all__ = ['Arm', 'ARMS', 'register_arm', 'ArmInputs', 'check_config', 'run_arm', 'run_figure1', 'report',
-           'merge_results']
+__all__ = ['Arm', 'ARMS', 'register_arm', 'ArmInputs', 'EvalInputError', 'check_config', 'run_arm', 'run_figure1',
+           'report', 'merge_results']
 
 NEEDS = ('cpc_encoder', 'cpc_features', 'cpc_grids', 'random_features')
 
@@ -159,14 +162,29 @@ def random_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: st
 
 # ============ runs ============
 
+class EvalInputError(ValueError):
+    """The data or the encoder given could not be loaded; the message says what to change."""
+
+
 def check_config(cfg: EvalConfig) -> None:
-    """cfg.validate() plus the arm names; raises ValueError saying what is allowed."""
+    """cfg.validate(), the arm names, the encoder (--model, --checkpoint) and the data, before any work; raises
+    ValueError (ConfigError: naming the option) saying what is allowed."""
     bad = [a for a in cfg.arms if a not in ARMS]
     if bad or not cfg.arms:
-        raise ValueError(f'Unknown arm(s) {bad or "(none given)"}; choose from {", ".join(ARMS)}.')
+        hint = C.did_you_mean(bad[0], list(ARMS)) if bad else ''
+        raise ValueError(f'Unknown arm(s) {bad or "(none given)"}{hint}; choose from {", ".join(ARMS)}.')
     cfg.validate()
-    if not cfg.checkpoint and any(n.startswith('cpc_') for a in cfg.arms for n in ARMS[a].needs):
+    check_model_name(cfg.model)
+    if cfg.checkpoint:
+        check_checkpoint(cfg.checkpoint)
+    elif any(n.startswith('cpc_') for a in cfg.arms for n in ARMS[a].needs):
         raise ValueError('Give --checkpoint: a timm name.tag, a .safetensors file, a checkpoint folder, or "random".')
+    try:
+        fashion_mnist_dir(cfg.data_dir or None)
+    except FileNotFoundError as e:
+        raise C.ConfigError(f'--data-dir: {e}') from None
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise C.ConfigError(f'--out {cfg.out}: is a file; give a folder for results.json, table.md and figure1.png')
 
 
 def run_arm(arm: str, fraction: float, seed: int, inputs: ArmInputs) -> Dict:
@@ -225,6 +243,12 @@ def _prepare(cfg: EvalConfig, data: EvalData, timings: Dict) -> Tuple[ArmInputs,
     return inputs, src
 
 
+def _say(message: str) -> None:
+    """A progress line, printed now (also with --no-progress and when stdout is a file), above any bar."""
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def report(out: Path, payload: Dict) -> str:
     """table.md and figure1.png of a results payload, with the registered arms' labels and styles."""
     return write_report(out, payload, {n: a.label for n, a in ARMS.items()}, {n: a.style for n, a in ARMS.items()})
@@ -238,9 +262,13 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
         torch.set_num_threads(cfg.threads)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    data = load_eval_data(cfg)
     timings: Dict = {}
-    inputs, src = _prepare(cfg, data, timings)
+    _say('loading Fashion-MNIST and the encoder; extracting the features the arms need once')
+    try:
+        data = load_eval_data(cfg)
+        inputs, src = _prepare(cfg, data, timings)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # the data or the encoder given
+        raise EvalInputError(one_line(e)) from e
     payload = dict(config=C.to_dict(cfg), checkpoint=src, command=command, n_pool=len(data.pool_y),
                    n_val=len(data.val_y), n_eval=len(data.eval_y), threads=torch.get_num_threads(),
                    host=f'{platform.processor() or platform.machine()}, torch {torch.__version__}', timings=timings,
@@ -253,15 +281,19 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
 
     jobs = [(a, f, s) for a in sorted(cfg.arms, key=lambda a: ARMS[a].cost) for f in cfg.fractions
             for s in cfg.seeds]
+    where = f'; {out / "results.json"} is rewritten after each run' if out is not None else ''
+    _say(f'{len(jobs)} runs: {len(cfg.arms)} arm(s) x {len(cfg.fractions)} fraction(s) x {len(cfg.seeds)} seed(s), '
+         f'cheapest arms first{where}')
     bar = tqdm(jobs, desc='runs', disable=not cfg.progress)
-    for arm, fraction, seed in bar:
+    for k, (arm, fraction, seed) in enumerate(bar, 1):
         bar.set_postfix_str(f'{arm} {fraction:g} seed {seed}')
+        _say(f'[{k}/{len(jobs)}] {arm} {fraction:.2%} seed {seed} ...')
         rec = run_arm(arm, fraction, seed, inputs)
         rec.pop('model', None)
         payload['runs'].append(rec)
-        tqdm.write(f"{arm:>14s} {fraction:7.2%} seed {seed}: {data.split} acc {100 * rec['accuracy']:.2f}% "
-                   f"({rec['n_labels']} labels, {rec['wall_s']:.1f} s)")
         save()
+        _say(f"[{k}/{len(jobs)}] {arm} {fraction:.2%} seed {seed}: {data.split} acc {100 * rec['accuracy']:.2f}% "
+             f"({rec['n_labels']} labels, {rec['wall_s']:.1f} s)" + (' saved' if out is not None else ''))
     per_arm, per_arm_cpu = {}, {}
     for r in payload['runs']:
         per_arm[r['arm']] = round(per_arm.get(r['arm'], 0) + r['wall_s'], 1)
