@@ -186,6 +186,10 @@ def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
             resolve_checkpoint(cfg.resume)
         except FileNotFoundError as e:
             raise C.ConfigError(f'--resume: {e} Or give auto (the newest in --out-dir) or none.') from None
+    resume_from = None if cfg.resume == 'none' else (
+        latest_checkpoint(cfg.out_dir) if cfg.resume == 'auto' else resolve_checkpoint(cfg.resume))
+    if resume_from is not None and (resume_from / 'config.json').is_file():
+        _check_same_network(cfg, resume_from)
     with torch.device('meta'):  # shapes only: the ImageNet encoders are large
         try:
             encoder = timm.create_model(cfg.model, pretrained=False, num_classes=0, **cfg.model_args)
@@ -403,6 +407,24 @@ def _config_changes(saved: Dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]
     old = dict(leaves(saved))
     return {k: (old[k], v) for k, v in leaves(C.to_dict(cfg))
             if k in old and k not in ('resume', 'progress') and old[k] != v}
+
+
+# The values that shape the parameters: a checkpoint only resumes into a run that has the same.
+NETWORK_KEYS = ('model', 'model_args', 'objective.context_hidden', 'objective.context_blocks', 'objective.target_dim',
+                'objective.offsets', 'objective.directions', 'objective.shared_context')
+
+
+def _check_same_network(cfg: TrainConfig, ckpt: Path) -> None:
+    """Refuse (ConfigError) to resume ``ckpt`` into a network of other shapes, naming the options to give."""
+    changed = {k: v for k, v in _config_changes(json.loads((ckpt / 'config.json').read_text()), cfg).items()
+               if k in NETWORK_KEYS}
+    if changed:
+        flags = ' '.join(f'--{k} {shlex.quote(json.dumps(a) if isinstance(a, (dict, list, bool)) else str(a))}'
+                         for k, (a, _) in changed.items())
+        raise C.ConfigError(
+            f'--resume: {ckpt} holds another network ('
+            + ', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in changed.items())
+            + f'). To continue it, add {flags}; to start a new run, give --resume none or another --out-dir.')
 
 
 def _memory_mb(device: torch.device) -> float:

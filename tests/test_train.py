@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -374,6 +375,24 @@ def test_old_checkpoint_config_resumes(old, tmp_path, capsys):
                                                                                        out_dir=str(out))))
     rc, _, err = _run(argv + ['--max-steps', '7'], capsys)
     assert rc == 0 and "differs from the checkpoint's config in max_steps: 6 -> 7, lr: 0.005 -> 0.002" in err
+
+
+def test_resume_into_another_network_is_refused_with_the_options_to_give(tmp_path, capsys):
+    out = tmp_path / 'run'
+    wide = ['--model_args', '{"channels": [16, 32, 96]}', '--objective.offsets', '3']
+    assert _run(FAST + wide + ['--max-steps', '2', '--out-dir', str(out)]) == 0
+    # the preset's network cannot take these weights: refused before any work, with the options that fit
+    rc, _, err = _run(FAST + ['--max-steps', '3', '--out-dir', str(out)], capsys)
+    assert rc == 2 and 'holds another network' in err
+    assert "model_args: {'channels': [16, 32, 96]} there, {} now" in err and 'objective.offsets: [3] there' in err
+    flags = err.split('To continue it, add ')[1].split('; to start')[0]
+    assert "--model_args '{\"channels\": [16, 32, 96]}'" in flags and '--objective.offsets' in flags
+    assert not (out / 'checkpoints' / 'step_00000003').exists()
+    # the options it names are enough to continue the run
+    rc, stdout, _ = _run(FAST + shlex.split(flags) + ['--max-steps', '3', '--out-dir', str(out)], capsys)
+    assert rc == 0 and 'resumed from' in stdout and (out / 'checkpoints' / 'step_00000003').is_dir()
+    # a new run in the same folder is the user's call
+    assert _run(FAST + ['--max-steps', '1', '--resume', 'none', '--out-dir', str(tmp_path / 'other')]) == 0
 
 
 # ============ 6. a folder of images, with unreadable files ============
