@@ -14,23 +14,28 @@ from cpc_models.demo import few_shot_accuracy, few_shot_split, load_sample, main
 from cpc_models.encoder import WEIGHTS_DIR
 from cpc_models.evaluate import extract_features
 
-NAME = 'cpcv2_resnet_tiny.fmnist'
+NAME = 'cpcv2_resnet_tiny.fmnist'  # the demo's
+PUBLISHED = [NAME, 'cpcv2_resnet_tiny_wide.fmnist']
 FOLDER = WEIGHTS_DIR / NAME
-GOLDEN = Path(__file__).parent / 'data' / f'{NAME}.golden.safetensors'
+published = pytest.mark.parametrize('name', PUBLISHED)
 
 
-def test_published_folder_is_complete():
-    assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in FOLDER.iterdir()}
-    card = (FOLDER / 'README.md').read_text()
+@published
+def test_published_folder_is_complete(name):
+    folder = WEIGHTS_DIR / name
+    assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in folder.iterdir()}
+    card = (folder / 'README.md').read_text()
     for section in ('## Training', '## Evaluation', 'cpc-train', 'Wall time'):
         assert section in card
-    assert NAME in timm.list_pretrained('cpcv2_resnet_tiny*')
+    assert name in timm.list_pretrained('cpcv2_resnet_tiny*')
+    assert f'`{name.split(".")[0]}`' in card
 
 
-def test_loads_bundled_weights_and_matches_golden():
-    model = timm.create_model(NAME, pretrained=True).eval()
-    assert Path(model.pretrained_cfg['file']) == FOLDER / 'model.safetensors'
-    golden = load_file(GOLDEN)
+@published
+def test_loads_bundled_weights_and_matches_golden(name):
+    model = timm.create_model(name, pretrained=True).eval()
+    assert Path(model.pretrained_cfg['file']) == WEIGHTS_DIR / name / 'model.safetensors'
+    golden = load_file(Path(__file__).parent / 'data' / f'{name}.golden.safetensors')
     with torch.no_grad():
         grid = model.forward_features(golden['input'])
         pooled = model.forward_head(grid, pre_logits=True)
@@ -38,23 +43,25 @@ def test_loads_bundled_weights_and_matches_golden():
     torch.testing.assert_close(pooled, golden['pooled'], rtol=1e-4, atol=1e-4)
 
 
-def test_same_weights_through_the_hub_path(tmp_path, monkeypatch):
+@published
+def test_same_weights_through_the_hub_path(name, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     cache = tmp_path / 'hub'
-    hub.add_to_hf_cache(FOLDER, f'cpc-models/{NAME}', cache_dir=cache)
-    via_hub = timm.create_model(NAME, pretrained=True, cache_dir=cache, pretrained_cfg_overlay=dict(file=''))
-    via_hf_name = timm.create_model(f'hf-hub:cpc-models/{NAME}', pretrained=True, cache_dir=cache)
-    expected = load_file(FOLDER / 'model.safetensors')
+    hub.add_to_hf_cache(WEIGHTS_DIR / name, f'cpc-models/{name}', cache_dir=cache)
+    via_hub = timm.create_model(name, pretrained=True, cache_dir=cache, pretrained_cfg_overlay=dict(file=''))
+    via_hf_name = timm.create_model(f'hf-hub:cpc-models/{name}', pretrained=True, cache_dir=cache)
+    expected = load_file(WEIGHTS_DIR / name / 'model.safetensors')
     for model in (via_hub, via_hf_name):
         for k, v in model.state_dict().items():
             torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
 
 
 @pytest.mark.slow
-def test_cpc_grid_beats_random_encoder_few_shot():
+@published
+def test_cpc_grid_beats_random_encoder_few_shot(name):
     images, labels, _ = load_sample()
-    cpc = timm.create_model(NAME, pretrained=True).eval()
-    rnd = timm.create_model('cpcv2_resnet_tiny', pretrained=False, num_classes=0).eval()
+    cpc = timm.create_model(name, pretrained=True).eval()
+    rnd = timm.create_model(name.split('.')[0], pretrained=False, num_classes=0).eval()
     cpc_grid = extract_features(cpc, images, keep_grid=True, progress=False)[1].float().flatten(1)
     rnd_grid = extract_features(rnd, images, keep_grid=True, progress=False)[1].float().flatten(1)
     cpc_acc = sum(few_shot_accuracy(cpc_grid, labels, shots=10, repeats=2)) / 2
