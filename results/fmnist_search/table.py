@@ -31,6 +31,10 @@ RUNS = {
 }
 
 
+def _fmt(d: dict) -> str:
+    return f'{100 * d["mean"]:.1f}% ({", ".join(f"{100 * a:.1f}" for a in d["per_seed"])})'
+
+
 def main() -> None:
     rows = {}
     for line in (HERE / 'search.jsonl').read_text().splitlines():
@@ -45,9 +49,8 @@ def main() -> None:
         p = rows[name]
         pooled = p.get('pooled', p.get('pixels'))
         grid = p.get('grid')
-        fmt = (lambda d: f'{100 * d["mean"]:.1f}% ({", ".join(f"{100 * a:.1f}" for a in d["per_seed"])})')
-        out.append(f'| {name} | {enc} | {recipe} | {images / 60000:.2f} | {where} | {fmt(pooled)} | '
-                   f'{fmt(grid) if grid else "-"} |')
+        out.append(f'| {name} | {enc} | {recipe} | {images / 60000:.2f} | {where} | {_fmt(pooled)} | '
+                   f'{_fmt(grid) if grid else "-"} |')
     note = ('Validation linear probe (results/fmnist_search/search.py): 5,000 training images held out as val '
             '(class-balanced, seed 0), 1% of the rest labelled (3 seeds), L2 penalty chosen on half A of val, '
             'accuracy on half B; mean (per seed). The test set is not used here.')
