@@ -2,7 +2,7 @@
 
     python -m cpc_models.demo          (or `make demo`, or `cpc-demo`)
 
-Loads the published backbone ``cpcv2_resnet_tiny.fmnist`` (bundled: weights/ or the wheel, no network), extracts pooled
+Loads the published backbone ``cpcv2_resnet_tiny_wide.fmnist`` (bundled: weights/ or the wheel, no network), extracts
 features of a small labelled sample bundled with the package (1,000 Fashion-MNIST test images, 100 per class),
 and trains the same linear classifier with ``--shots`` labelled images per class on
 (1) the CPC latent grid (flattened), (2) its mean over the grid, (3) raw pixels, (4) the latent grid of the same
@@ -27,7 +27,7 @@ from .evaluate import fit_linear_probe
 from .extract import extract_features
 
 SAMPLE = Path(__file__).resolve().parent / 'assets' / 'fashion_mnist_sample.safetensors'
-DEFAULT_MODEL = 'cpcv2_resnet_tiny.fmnist'
+DEFAULT_MODEL = 'cpcv2_resnet_tiny_wide.fmnist'
 VAL_PER_CLASS = 10  # images per class for picking the L2 penalty
 
 

@@ -313,7 +313,7 @@ def test_demo_prints_as_it_goes(tmp_path):
             rows.append(line)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
-    assert first.startswith('backbone: cpcv2_resnet_tiny.fmnist') and running_after_first_line
+    assert first.startswith('backbone: cpcv2_resnet_tiny_wide.fmnist') and running_after_first_line
     assert len(rows) == 2
     assert '1000/1000' in err  # the extraction bar counts images
 

@@ -494,7 +494,7 @@ def test_presets_resolve_and_build(preset, tmp_path, capsys):
     rows, cols = encoder.grid_size(img)
     objective.check_latents(torch.empty(2, encoder.num_features, rows, cols, device='meta'))  # grid fits the offsets
     assert len(objective.directions) == 4
-    if preset == 'fmnist_tiny':
+    if preset.startswith('fmnist_'):
         assert cfg.data == 'fashion-mnist' and aug.color_drop == 0 and (rows, cols) == (6, 6)
         return
     assert cfg.data == '' and cfg.resize >= cfg.image_size
