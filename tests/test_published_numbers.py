@@ -1,0 +1,62 @@
+"""Numbers the README and the model cards publish agree with the committed files they come from.
+
+Each check parses the published text and compares it with its source (a results file, or a count this test can
+recompute exactly), so that a number typed by hand, or left behind when its source changed, fails here.
+"""
+import json
+import re
+import runpy
+from pathlib import Path
+
+import timm
+import torch
+
+import cpc_models  # noqa: F401  (registers the architectures)
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / 'README.md').read_text()
+
+
+def _block_after(text: str, marker: str) -> str:
+    """The fenced code block that starts with ``marker``."""
+    start = text.index('```\n' + marker) + 4
+    return text[start:text.index('```', start)]
+
+
+def test_readme_model_table_matches_the_models():
+    rows = re.findall(r'^\| `(cpcv[12]_\w+)` \| [^|]+ \| (\d+) \| [^|]+ \| ([\d.]+)M \|', README, re.MULTILINE)
+    assert {name for name, _, _ in rows} == set(timm.list_models('cpcv*')), 'a registered model is missing'
+    for name, channels, params in rows:
+        with torch.device('meta'):
+            model = timm.create_model(name, num_classes=0)
+        assert model.num_features == int(channels), name
+        assert f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}' == params, name
+
+
+def test_readme_demo_block_is_the_committed_demo_output():
+    committed = (ROOT / 'results' / 'demo' / 'output.txt').read_text()
+    committed = re.sub(r'weights: \S*?(weights/\S+)\)', r'weights: \1)', committed)  # the path, made relative
+    assert _block_after(README, 'backbone: ') == committed
+    done = re.search(r'^done in ([\d.]+) s$', committed, re.MULTILINE).group(1)
+    assert f'Time, measured here: {done} s' in README
+
+
+def test_search_table_is_generated_from_its_records():
+    folder = ROOT / 'results' / 'fmnist_search'
+    table = (folder / 'table.md').read_text()
+    runs = runpy.run_path(str(folder / 'table.py'))['RUNS']
+    records = {}
+    for line in (folder / 'search.jsonl').read_text().splitlines():
+        r = json.loads(line)
+        records[r['name']] = r['probe']
+    for name in runs:
+        pooled = records[name].get('pooled', records[name].get('pixels'))
+        row = next(line for line in table.splitlines() if line.startswith(f'| {name} |'))
+        assert f'{100 * pooled["mean"]:.1f}% (' in row, name
+    # the figures quoted from it in the README of the search and in the model card
+    best = records['gpu_B_w512_b128_10ep']
+    card = (ROOT / 'weights' / 'cpcv2_resnet_tiny_wide.fmnist' / 'README.md').read_text()
+    assert table.split('\n\n', 1)[1].strip() in card  # the card carries the table as generated
+    search_readme = (folder / 'README.md').read_text()
+    for value in (best['pooled']['mean'], best['grid']['mean'], records['ref_pixels']['pixels']['mean']):
+        assert f'{100 * value:.1f}%' in search_readme
