@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 import cpc_models  # noqa: F401
 from cpc_models.demo import load_sample
+from cpc_models.evaluate.figure1 import section
+from cpc_models.evaluate.report import SECTION
 from cpc_models.hub import export_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +35,7 @@ def _cpu_name() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', required=True, help='cpc-train checkpoint folder')
-    p.add_argument('--eval', default='', help='cpc-eval figure1 output folder (table.md goes into the card)')
+    p.add_argument('--eval', default='', help='cpc-eval figure1 output folder (its results go into the card)')
     p.add_argument('--out', required=True, help='weights/<arch>.<tag>')
     p.add_argument('--tag', required=True)
     p.add_argument('--hardware', default=f'{_cpu_name()}, 2 cores (shared), no GPU')
@@ -45,9 +47,9 @@ def main() -> None:
     metrics = json.loads((ckpt / 'metrics.json').read_text())
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout
     evaluation = ''
-    if args.eval:
-        evaluation = (Path(args.eval) / 'table.md').read_text()
-        evaluation += '\n![Figure 1](figure1.png)\n'
+    if args.eval:  # the same section as `cpc-eval plot DIR --card README.md` writes between these markers
+        payload = json.loads((Path(args.eval) / 'results.json').read_text())
+        evaluation = '\n'.join([SECTION[0], section(payload, 'figure1.png'), SECTION[1]])
     card = dict(
         dataset='Fashion-MNIST train (60,000 images, labels unused)' if config['data'] == 'fashion-mnist'
         else config['data'],

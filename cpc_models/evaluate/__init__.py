@@ -2,46 +2,69 @@
 
 Hénaff et al. 2020 evaluate CPC features (a) with a linear classifier on the mean-pooled patch features,
 (b) with a ResNet-33-style classifier trained on the CPC feature grid with a fraction of the labels (the
-"efficient classification" of the paper's Fig. 1), against (c) the same network trained on pixels from scratch
-with supervision. We add (d) a floor: the linear probe on a randomly initialized encoder. See docs/evaluation.md.
+"efficient classification" of the paper's Fig. 1), against (c) a supervised network trained on pixels. We add the
+floors a reviewer expects: raw pixels and a randomly initialized encoder. See docs/evaluation.md.
 
 Arms (``--arms``; registered in :mod:`cpc_models.evaluate.figure1`, where adding one is one function):
 
-* ``cpc_linear``: frozen CPC encoder, pooled features extracted once, linear softmax classifier (L-BFGS, weight
-  decay picked on the validation split).
+* ``pixels_linear`` / ``pixels_knn``: raw pixels, linear probe / cosine k-NN (k=20).
+* ``random_linear`` / ``random_grid_linear``: a randomly initialized encoder, linear probe on the pooled feature /
+  on the flattened latent grid.
+* ``cpc_linear`` / ``cpc_grid_linear`` / ``cpc_knn``: the frozen CPC encoder, linear probe on the pooled feature
+  (what ``timm.create_model(name, pretrained=True, num_classes=0)`` returns) / on the grid, k-NN on the pooled one.
 * ``cpc_frozen``: frozen CPC encoder, latent grids extracted once, ``GridClassifier`` trained on them.
 * ``cpc_finetune``: CPC encoder + ``GridClassifier`` trained end to end (encoder LR scaled down).
-* ``scratch``: randomly initialized encoder + ``GridClassifier`` trained end to end with crop/flip augmentation.
-* ``random_linear``: randomly initialized encoder, linear probe as in ``cpc_linear``.
+* ``supervised``: the baseline, a whole-image CNN from random init with crop/flip augmentation.
+* ``scratch``: the patch-grid encoder from random init + ``GridClassifier``, end to end (not in the default arms).
 
-Data: the labelled pool is Fashion-MNIST train minus a class-balanced validation split (``--val-size`` images,
-fixed seed) used for all tuning; labelled subsets are class-balanced fractions of the pool. The official test set
-is only read with ``--split test``.
+Linear probes pick their L2 penalty, trained arms their stopping epoch on the tuning half of the validation split;
+the best CPC arm of each fraction is picked on the other half. The official test set is only read with
+``--split test``.
 
 Usage::
 
-    python -m cpc_models.evaluate figure1 --model cpcv2_resnet_tiny --checkpoint cpcv2_resnet_tiny.fmnist \\
-        --out results/fmnist --split test
-    python -m cpc_models.evaluate plot results/fmnist        # table + figure again from results.json
-    python -m cpc_models.evaluate figure1 --help             # every option, with its default
+    cpc-eval figure1 --checkpoint cpcv2_resnet_tiny.fmnist --out results/fmnist --split test
+    cpc-eval plot results/fmnist --readme README.md                   # table, figure, README section again
+    cpc-eval figure1 --help                                           # every option, with its default
 
 Modules: ``eval_config`` (EvalConfig), ``data`` (label subsets, splits, features), ``encoders`` (which encoder),
-``protocols`` (linear probe, GridClassifier training), ``figure1`` (arms, runs, merging), ``report`` (table,
-targets, plot), ``cli``.
+``baselines`` (the supervised CNNs), ``protocols`` (linear probe, k-NN, the convergence rule, training),
+``figure1`` (arms, runs, resuming, merging), ``report`` (tables, targets, plot), ``cli``.
 """
 from ..extract import extract_features
+from .baselines import ConvNet, create_supervised
 from .cli import main
-from .data import EvalData, Features, balanced_count, balanced_subset, features_for, load_eval_data, split_train_val
+from .data import (
+    EvalData,
+    Features,
+    balanced_count,
+    balanced_subset,
+    features_for,
+    load_eval_data,
+    split_halves,
+    split_train_val,
+)
 from .encoders import create_encoder, load_encoder
 from .eval_config import DEFAULT_ARMS, DEFAULT_FRACTIONS, EvalConfig
-from .figure1 import ARMS, Arm, ArmInputs, check_config, merge_results, register_arm, run_arm, run_figure1
-from .protocols import fit_linear_probe, train_end_to_end, train_on_grid
-from .report import check_targets, format_table, plot_figure1, summarize
+from .figure1 import (
+    ARMS,
+    Arm,
+    ArmInputs,
+    check_config,
+    merge_results,
+    plan_runs,
+    register_arm,
+    run_arm,
+    run_figure1,
+)
+from .protocols import fit_linear_probe, knn_predict, train_end_to_end, train_on_grid, train_until_plateau
+from .report import check_targets, format_table, pick_best_cpc, plot_figure1, summarize
 
 __all__ = [
-    'ARMS', 'Arm', 'ArmInputs', 'DEFAULT_ARMS', 'DEFAULT_FRACTIONS', 'EvalConfig', 'EvalData', 'Features',
-    'balanced_count', 'balanced_subset', 'check_config', 'check_targets', 'create_encoder', 'extract_features',
-    'features_for', 'fit_linear_probe', 'format_table', 'load_encoder', 'load_eval_data', 'main', 'merge_results',
-    'plot_figure1', 'register_arm', 'run_arm', 'run_figure1', 'split_train_val', 'summarize', 'train_end_to_end',
-    'train_on_grid',
+    'ARMS', 'Arm', 'ArmInputs', 'ConvNet', 'DEFAULT_ARMS', 'DEFAULT_FRACTIONS', 'EvalConfig', 'EvalData', 'Features',
+    'balanced_count', 'balanced_subset', 'check_config', 'check_targets', 'create_encoder',
+    'create_supervised', 'extract_features', 'features_for', 'fit_linear_probe', 'format_table', 'knn_predict',
+    'load_encoder', 'load_eval_data', 'main', 'merge_results', 'pick_best_cpc', 'plan_runs', 'plot_figure1',
+    'register_arm', 'run_arm', 'run_figure1', 'split_halves', 'split_train_val', 'summarize',
+    'train_end_to_end', 'train_on_grid', 'train_until_plateau',
 ]

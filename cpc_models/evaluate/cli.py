@@ -1,6 +1,8 @@
-"""``cpc-eval``: ``figure1`` (options: every EvalConfig field, parsed by cpc_models.config), ``plot``, ``merge``."""
+"""``cpc-eval``: ``figure1`` (options: every EvalConfig field, parsed by cpc_models.config),
+``plot``, ``merge``."""
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -9,13 +11,13 @@ from typing import Dict, List, Optional
 from .. import config as C
 from ..checks import one_line
 from .eval_config import EvalConfig
-from .figure1 import EvalInputError, check_config, merge_results, report, run_figure1
-from .report import write_results
+from .figure1 import EvalInputError, check_config, merge_results, report, run_figure1, section
+from .report import replace_section, write_results
 
 __all__ = ['main']
 
 USAGE = '''cpc-eval figure1 --checkpoint CKPT --out DIR [--KEY VALUE ...]   run the arms over fractions and seeds
-cpc-eval plot DIR                                                 table.md and figure1.png again from results.json
+cpc-eval plot DIR [--readme MD] [--card MD]                       table.md and figure1.png again from results.json
 cpc-eval merge DIR PART [PART ...]                                merge figure1 outputs run as parallel parts'''
 
 
@@ -34,8 +36,10 @@ def _read_results(folder: Path, command: str) -> Dict:
 def _plot_or_merge(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog='cpc-eval', usage=USAGE)
     sub = p.add_subparsers(dest='command', required=True)
-    sub.add_parser('plot', help='table.md and figure1.png again').add_argument(
-        'out', type=Path, help='a figure1 output folder (with results.json)')
+    plot = sub.add_parser('plot', help='table.md and figure1.png again')
+    plot.add_argument('out', type=Path, help='a figure1 output folder (with results.json)')
+    plot.add_argument('--readme', type=Path, help='also write the section between the figure1 markers of this file')
+    plot.add_argument('--card', type=Path, help='the same in a model card (the figure is copied beside it)')
     m = sub.add_parser('merge', help='one table from parts run in parallel')
     m.add_argument('out', type=Path, help='the folder to write the merged results.json, table.md, figure1.png to')
     m.add_argument('parts', type=Path, nargs='+', help='figure1 output folders, each with results.json')
@@ -48,12 +52,26 @@ def _plot_or_merge(argv: List[str]) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         else:
             payload = _read_results(args.out, 'plot')
+            for flag in ('readme', 'card'):
+                md = getattr(args, flag)
+                if md is not None and not md.is_file():
+                    raise ValueError(f'--{flag} {md}: no such file; give an existing markdown file (the section goes '
+                                     f'between its figure1 markers, or at its end)')
     except ValueError as e:
         print(f'cpc-eval {args.command}: error: {e}', file=sys.stderr)
         return 2
     print(report(args.out, payload))
     write_results(args.out, payload)
+    if getattr(args, 'readme', None):
+        replace_section(args.readme, section(payload, _relative(args.out / 'figure1.png', args.readme.parent)))
+    if getattr(args, 'card', None):
+        replace_section(args.card, section(payload, 'figure1.png'))
+        (args.card.parent / 'figure1.png').write_bytes((args.out / 'figure1.png').read_bytes())
     return 0
+
+
+def _relative(path: Path, start: Path) -> str:
+    return os.path.relpath(path.resolve(), start.resolve())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

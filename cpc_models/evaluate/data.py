@@ -10,8 +10,8 @@ from ..data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from ..extract import extract_features
 from .eval_config import EvalConfig
 
-__all__ = ['balanced_subset', 'balanced_count', 'split_train_val', 'EvalData', 'load_eval_data', 'Features',
-           'features_for']
+__all__ = ['balanced_subset', 'balanced_count', 'split_train_val', 'split_halves', 'EvalData', 'load_eval_splits',
+           'load_eval_data', 'Features', 'features_for']
 
 
 # ============ label subsets ============
@@ -56,11 +56,21 @@ def split_train_val(labels: torch.Tensor, val_size: int, seed: int = 0) -> Tuple
     return torch.nonzero(mask, as_tuple=True)[0], val
 
 
+def split_halves(labels: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(first, second): disjoint sorted positions of a class-balanced half of ``labels`` and of the rest."""
+    return split_train_val(labels, len(labels) // 2, seed)[::-1]
+
+
 # ============ the splits ============
 
 @dataclass
 class EvalData:
-    """Images and labels of the labelled pool, the validation split and the eval split (val or test)."""
+    """Images and labels of the labelled pool, the two halves of the validation split and the eval split.
+
+    ``val``: the tuning half (every choice within an arm: L2 penalty, early stopping). ``select``: the selection
+    half (choices between arms, e.g. the best CPC arm of a fraction). ``eval``: the selection half itself with
+    split 'val', the official test set with split 'test'.
+    """
     pool_x: torch.Tensor
     pool_y: torch.Tensor
     val_x: torch.Tensor
@@ -71,35 +81,53 @@ class EvalData:
     num_classes: int = 10
     pool_index: Optional[torch.Tensor] = None  # indices into the official training set
     val_index: Optional[torch.Tensor] = None
+    select_x: Optional[torch.Tensor] = None  # None: the eval split is the selection half
+    select_y: Optional[torch.Tensor] = None
+    select_index: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.select_x is None:
+            self.select_x, self.select_y = self.eval_x, self.eval_y
 
     @property
     def eval_is_val(self) -> bool:
         return self.split == 'val'
 
 
-def load_eval_data(cfg: EvalConfig) -> EvalData:
-    """Fashion-MNIST: pool = train minus val (optionally limited), eval = val or the (limited) test set."""
+def load_eval_splits(cfg) -> Tuple[torch.Tensor, ...]:
+    """Fashion-MNIST train as (images, labels, pool, val_tune, val_select) indices; ``cfg`` gives data_dir,
+    val_size, val_seed and train_subset (EvalConfig or ProbeConfig)."""
     x, y = load_fashion_mnist('train', cfg.data_dir or None)
     if cfg.val_size >= len(y):
         raise ValueError(f'val_size {cfg.val_size} leaves no training images (the training set has {len(y)}).')
     pool, val = split_train_val(y, cfg.val_size, cfg.val_seed)
-    if cfg.train_subset:
+    if getattr(cfg, 'train_subset', 0):
         pool = pool[balanced_count(y[pool], min(cfg.train_subset, len(pool)), cfg.val_seed + 1)]
+    tune, select = split_halves(y[val], cfg.val_seed + 3)
+    return x, y, pool, val[tune], val[select]
+
+
+def load_eval_data(cfg: EvalConfig) -> EvalData:
+    """Fashion-MNIST: pool = train minus val (optionally limited); val = half of the validation split (tuning);
+    select = the other half; eval = select (split 'val') or the (limited) test set."""
+    x, y, pool, val, select = load_eval_splits(cfg)
     if cfg.split == 'val':
-        ex, ey = x[val], y[val]
+        ex, ey = x[select], y[select]
     else:
         ex, ey = load_fashion_mnist('test', cfg.data_dir or None)
         if cfg.eval_limit:
             keep = balanced_count(ey, min(cfg.eval_limit, len(ey)), cfg.val_seed + 2)
             ex, ey = ex[keep], ey[keep]
-    return EvalData(x[pool], y[pool], x[val], y[val], ex, ey, cfg.split, len(FASHION_MNIST_CLASSES), pool, val)
+    return EvalData(x[pool], y[pool], x[val], y[val], ex, ey, cfg.split, len(FASHION_MNIST_CLASSES), pool, val,
+                    x[select], y[select], select)
 
 
 # ============ features, extracted once per encoder ============
 
 @dataclass
 class Features:
-    """Pooled features (N, F) of pool, val and eval images; latent grids of pool and eval when kept."""
+    """Pooled features (N, F) of pool, val (tuning half), eval and select images; latent grids (float16
+    (N, F, rows, cols)) too when kept. ``select`` defaults to ``eval`` (split 'val')."""
     pool: torch.Tensor
     val: torch.Tensor
     eval: torch.Tensor
@@ -107,15 +135,25 @@ class Features:
     eval_grid: Optional[torch.Tensor] = None
     wall_s: float = 0.0
     cpu_s: float = 0.0
+    select: Optional[torch.Tensor] = None
+    val_grid: Optional[torch.Tensor] = None
+    select_grid: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.select is None:
+            self.select, self.select_grid = self.eval, self.eval_grid
 
 
 def features_for(enc: nn.Module, data: EvalData, keep_grid: bool, desc: str, cfg: EvalConfig) -> Features:
-    """Extract pooled (and optionally grid) features of pool, val and eval images once."""
+    """Extract pooled (and optionally grid) features of pool, val, select and eval images once."""
     t0, c0 = time.time(), time.process_time()
-    parts = [data.pool_x, data.val_x] + ([] if data.eval_is_val else [data.eval_x])
+    parts = [data.pool_x, data.val_x, data.select_x] + ([] if data.eval_is_val else [data.eval_x])
     pooled, grid = extract_features(enc, torch.cat(parts), cfg.extract_batch, keep_grid, desc, cfg.progress)
-    n_p, n_v = len(data.pool_x), len(data.val_x)
-    ev = slice(n_p, n_p + n_v) if data.eval_is_val else slice(n_p + n_v, None)
-    return Features(pooled[:n_p], pooled[n_p:n_p + n_v], pooled[ev],
-                    grid[:n_p] if keep_grid else None, grid[ev] if keep_grid else None, time.time() - t0,
-                    time.process_time() - c0)
+    ends = torch.tensor([len(p) for p in parts]).cumsum(0).tolist()
+    cut = [slice(a, b) for a, b in zip([0] + ends[:-1], ends, strict=True)]
+    if data.eval_is_val:
+        cut.append(cut[2])
+    pool, val, select, ev = cut
+    g = (lambda s: grid[s]) if keep_grid else (lambda s: None)
+    return Features(pooled[pool], pooled[val], pooled[ev], g(pool), g(ev), time.time() - t0,
+                    time.process_time() - c0, pooled[select], g(val), g(select))

@@ -1,25 +1,32 @@
 """The paper's Figure 1: accuracy against the fraction of labels, one line per *arm*, over fractions and seeds.
 
 An arm is registered with :func:`register_arm`: a name, its legend label and plot style, the inputs it needs
-(prepared once per evaluation and shared by all its runs) and a function that trains and evaluates one classifier
-on a labelled subset. Adding a line to the figure is one decorated function::
+(prepared once per evaluation and shared by all its runs), whether it is a CPC arm (a candidate for the best CPC arm
+of a fraction, picked on the selection half of val) and whether its seed matters beyond drawing the labelled subset,
+and a function that trains and evaluates one classifier on a labelled subset. Adding a line to the figure is one
+decorated function::
 
-    @register_arm('knn', 'CPC, k-NN', dict(color='tab:green', marker='x'), needs=('cpc_features',), cost=1)
-    def knn(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
+    @register_arm('cpc_nearest_mean', 'CPC, nearest class mean', dict(color='tab:green', marker='x'),
+                  needs=('cpc_features',), cost=0, cpc=True, seeded=False)
+    def cpc_nearest_mean(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
         ...
-        return dict(accuracy=acc, config=dict(k=20))
+        return dict(scores(inputs.data, predict, feats.eval, feats.select), config=dict(metric='euclidean'))
 
-Inputs an arm can need: ``cpc_encoder`` (the encoder under evaluation), ``cpc_features`` (its pooled features of
-pool, val and eval images), ``cpc_grids`` (its latent grids too), ``random_features`` (pooled features of a
-randomly initialized encoder of the same architecture).
+Inputs an arm can need: ``pixels`` (raw pixels as features), ``cpc_encoder`` (the encoder under evaluation),
+``cpc_features`` (its pooled features of pool, val, select and eval images), ``cpc_grids`` (its latent grids too),
+``random_features`` / ``random_grids`` (the same for a randomly initialized encoder of the same architecture).
+
+Every trained arm (GridClassifier on frozen grids, fine-tuned, scratch, the supervised CNN) trains until its
+accuracy on the tuning half of val stops improving (:func:`~cpc_models.evaluate.protocols.train_until_plateau`).
 """
 import copy
+import json
 import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +35,7 @@ from tqdm.auto import tqdm
 from .. import config as C
 from ..checks import check_model_name, one_line
 from ..data import fashion_mnist_dir
+from .baselines import create_supervised
 from .data import EvalData, Features, balanced_subset, features_for, load_eval_data
 from .encoders import check_checkpoint, create_encoder, load_encoder
 from .eval_config import EvalConfig
@@ -35,18 +43,20 @@ from .protocols import (
     EncoderClassifier,
     accuracy,
     fit_linear_probe,
+    knn_predict,
     make_classifier,
     predict_grids,
     predict_images,
     train_end_to_end,
+    train_images,
     train_on_grid,
 )
-from .report import check_targets, summarize, write_report, write_results
+from .report import check_targets, format_section, pick_best_cpc, summarize, write_report, write_results
 
-__all__ = ['Arm', 'ARMS', 'register_arm', 'ArmInputs', 'EvalInputError', 'check_config', 'run_arm', 'run_figure1',
-           'report', 'merge_results']
+__all__ = ['Arm', 'ARMS', 'register_arm', 'ArmInputs', 'EvalInputError', 'check_config', 'plan_runs', 'run_arm',
+           'run_figure1', 'report', 'section', 'merge_results', 'pixel_features', 'grid_features', 'scores']
 
-NEEDS = ('cpc_encoder', 'cpc_features', 'cpc_grids', 'random_features')
+NEEDS = ('pixels', 'cpc_encoder', 'cpc_features', 'cpc_grids', 'random_features', 'random_grids')
 
 
 @dataclass(frozen=True)
@@ -56,21 +66,24 @@ class Arm:
     label: str  # legend and table row
     style: Dict  # matplotlib errorbar style
     needs: FrozenSet[str]  # of NEEDS
-    run: Callable[..., Dict]  # (inputs, labelled pool indices, seed, desc) -> dict(accuracy, config[, model])
+    run: Callable[..., Dict]  # (inputs, labelled pool indices, seed, desc) -> dict(accuracy, select_accuracy, config)
     cost: int  # arms run cheapest first, so that a run cut short still holds the cheap lines
+    cpc: bool = False  # a CPC arm: a candidate for the best CPC arm of a fraction (picked on the selection half)
+    seeded: bool = True  # False: the seed only draws the labelled subset, so at 100% one run stands for all seeds
 
 
 ARMS: Dict[str, Arm] = {}
 
 
-def register_arm(name: str, label: str, style: Dict, needs: Sequence[str] = (), cost: int = 0):
+def register_arm(name: str, label: str, style: Dict, needs: Sequence[str] = (), cost: int = 0, cpc: bool = False,
+                 seeded: bool = True):
     """Decorator: add an arm function to :data:`ARMS` (see the module docstring)."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f'Unknown needs {sorted(unknown)}; choose from {NEEDS}.')
 
     def add(fn):
-        ARMS[name] = Arm(name, label, dict(style), frozenset(needs), fn, cost)
+        ARMS[name] = Arm(name, label, dict(style), frozenset(needs), fn, cost, cpc, seeded)
         return fn
     return add
 
@@ -85,60 +98,135 @@ class ArmInputs:
     cpc_encoder: Optional[nn.Module] = None
     cpc_features: Optional[Features] = None
     random_features: Optional[Features] = None
+    pixels: Optional[Features] = None  # raw pixels as features (pixel_features)
 
     def has(self, need: str) -> bool:
-        if need == 'cpc_grids':
-            return self.cpc_features is not None and self.cpc_features.pool_grid is not None
+        if need in ('cpc_grids', 'random_grids'):
+            feats = self.cpc_features if need == 'cpc_grids' else self.random_features
+            return feats is not None and feats.pool_grid is not None
         return getattr(self, need) is not None
+
+
+def pixel_features(data: EvalData) -> Features:
+    """Raw pixels as features: uint8 images flattened to (N, C * H * W) float32."""
+    def flat(x):
+        return x.flatten(1).float()
+    return Features(flat(data.pool_x), flat(data.val_x), flat(data.eval_x), select=flat(data.select_x))
+
+
+def grid_features(feats: Features) -> Features:
+    """The latent grids (N, F, rows, cols) flattened to (N, F * rows * cols) features (views, float16)."""
+    return Features(feats.pool_grid.flatten(1), feats.val_grid.flatten(1), feats.eval_grid.flatten(1),
+                    select=feats.select_grid.flatten(1))
+
+
+def scores(data: EvalData, predict: Callable, eval_in, select_in) -> Dict:
+    """accuracy on the eval split and select_accuracy on the selection half (the same with split 'val')."""
+    acc = accuracy(predict(eval_in), data.eval_y)
+    return dict(accuracy=acc, select_accuracy=acc if data.eval_is_val else accuracy(predict(select_in), data.select_y))
 
 
 # ============ the arms ============
 
-def _linear(inputs: ArmInputs, feats: Features, labelled: torch.Tensor) -> Dict:
+def _linear(inputs: ArmInputs, feats: Features, labelled: torch.Tensor, features: str) -> Dict:
     cfg, data = inputs.cfg, inputs.data
-    probe = fit_linear_probe(feats.pool[labelled], data.pool_y[labelled], feats.val, data.val_y, cfg.linear_wds,
-                             data.num_classes, cfg.linear_max_iter)
-    return dict(accuracy=accuracy(probe['predict'](feats.eval), data.eval_y),
+    probe = fit_linear_probe(feats.pool[labelled].float(), data.pool_y[labelled], feats.val.float(), data.val_y,
+                             cfg.linear_wds, data.num_classes, cfg.linear_max_iter)
+    return dict(scores(data, lambda x: probe['predict'](x.float()), feats.eval, feats.select),
                 config=dict(wd=probe['wd'], val_acc_by_wd={str(k): v for k, v in probe['val_by_wd'].items()},
-                            max_iter=cfg.linear_max_iter, features='mean-pooled grid, standardized'))
+                            max_iter=cfg.linear_max_iter, features=f'{features}, standardized'))
+
+
+def _knn(inputs: ArmInputs, feats: Features, labelled: torch.Tensor, features: str) -> Dict:
+    cfg, data = inputs.cfg, inputs.data
+
+    def predict(x):
+        return knn_predict(feats.pool[labelled], data.pool_y[labelled], x, cfg.knn_k, data.num_classes)
+
+    return dict(scores(data, predict, feats.eval, feats.select),
+                config=dict(k=cfg.knn_k, metric='cosine', vote='similarity-weighted', features=features))
 
 
 def _end_to_end(inputs: ArmInputs, encoder: nn.Module, lr_scale: float, labelled: torch.Tensor, seed: int,
                 desc: str) -> Dict:
     cfg, data = inputs.cfg, inputs.data
     model = EncoderClassifier(encoder, make_classifier(encoder, cfg, data.num_classes))
-    info = train_end_to_end(model, data.pool_x[labelled], data.pool_y[labelled], cfg, seed, lr_scale, desc)
+    info = train_end_to_end(model, data.pool_x[labelled], data.pool_y[labelled], data.val_x, data.val_y, cfg, seed,
+                            lr_scale, desc)
     t_eval = time.time()
-    acc = accuracy(predict_images(model, data.eval_x, cfg.extract_batch, cfg.progress), data.eval_y)
-    return dict(accuracy=acc, model=model, config=dict(
+    out = scores(data, lambda x: predict_images(model, x, cfg.extract_batch, cfg.progress), data.eval_x, data.select_x)
+    return dict(out, model=model, config=dict(
         info, batch=cfg.e2e_batch, lr=cfg.e2e_lr, encoder_lr_scale=lr_scale, wd=cfg.e2e_wd,
-        classifier=cfg.classifier_size, epochs=cfg.e2e_epochs, max_steps=cfg.e2e_max_steps,
+        classifier=cfg.classifier_size, max_epochs=cfg.e2e_max_epochs, max_steps=cfg.e2e_max_steps,
         aug=f'random crop pad {cfg.aug_pad} + hflip', eval_s=round(time.time() - t_eval, 2)))
 
 
-@register_arm('cpc_linear', 'CPC, linear probe', dict(color='tab:blue', marker='o', linestyle='--'),
-              needs=('cpc_features',), cost=0)
+@register_arm('pixels_linear', 'Pixels, linear probe', dict(color='black', marker='.', linestyle=':'),
+              needs=('pixels',), cost=0, seeded=False)
+def pixels_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
+    """Raw pixels, standardized, softmax regression (L2 penalty picked on val): what features must beat."""
+    return _linear(inputs, inputs.pixels, labelled, 'raw pixels')
+
+
+@register_arm('pixels_knn', 'Pixels, k-NN', dict(color='black', marker='x', linestyle=(0, (1, 3))),
+              needs=('pixels',), cost=0, seeded=False)
+def pixels_knn(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
+    """Raw pixels, cosine k-NN."""
+    return _knn(inputs, inputs.pixels, labelled, 'raw pixels')
+
+
+@register_arm('cpc_linear', 'CPC, linear probe (pooled)', dict(color='tab:blue', marker='o', linestyle='--'),
+              needs=('cpc_features',), cost=0, cpc=True, seeded=False)
 def cpc_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
-    """Frozen CPC encoder, pooled features extracted once, linear softmax classifier (L2 penalty picked on val)."""
-    return _linear(inputs, inputs.cpc_features, labelled)
+    """Frozen CPC encoder, pooled features (what timm's num_classes=0 model returns), linear softmax classifier."""
+    return _linear(inputs, inputs.cpc_features, labelled, 'mean-pooled grid')
+
+
+@register_arm('cpc_grid_linear', 'CPC, linear probe (grid)', dict(color='tab:cyan', marker='o', linestyle='--'),
+              needs=('cpc_grids',), cost=1, cpc=True, seeded=False)
+def cpc_grid_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
+    """Frozen CPC encoder, the whole latent grid flattened, linear softmax classifier."""
+    return _linear(inputs, grid_features(inputs.cpc_features), labelled, 'latent grid, flattened')
+
+
+@register_arm('cpc_knn', 'CPC, k-NN (pooled)', dict(color='tab:blue', marker='x', linestyle=(0, (1, 3))),
+              needs=('cpc_features',), cost=0, cpc=True, seeded=False)
+def cpc_knn(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
+    """Frozen CPC encoder, pooled features, cosine k-NN."""
+    return _knn(inputs, inputs.cpc_features, labelled, 'mean-pooled grid')
+
+
+@register_arm('random_linear', 'Random encoder, linear probe (pooled)',
+              dict(color='tab:gray', marker='v', linestyle=':'), needs=('random_features',), cost=0, seeded=False)
+def random_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
+    """Randomly initialized encoder, linear probe as cpc_linear: the floor of what pretraining adds."""
+    return _linear(inputs, inputs.random_features, labelled, 'mean-pooled grid of a random encoder')
+
+
+@register_arm('random_grid_linear', 'Random encoder, linear probe (grid)',
+              dict(color='silver', marker='v', linestyle=':'), needs=('random_grids',), cost=1, seeded=False)
+def random_grid_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
+    """Randomly initialized encoder, linear probe on the flattened grid as cpc_grid_linear."""
+    return _linear(inputs, grid_features(inputs.random_features), labelled, 'latent grid of a random encoder')
 
 
 @register_arm('cpc_frozen', 'CPC (frozen) + GridClassifier', dict(color='tab:blue', marker='s'),
-              needs=('cpc_encoder', 'cpc_grids'), cost=2)
+              needs=('cpc_encoder', 'cpc_grids'), cost=2, cpc=True)
 def cpc_frozen(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
-    """Frozen CPC encoder, latent grids extracted once, GridClassifier trained on them."""
+    """Frozen CPC encoder, latent grids extracted once, GridClassifier trained on them until val stops improving."""
     cfg, data, feats = inputs.cfg, inputs.data, inputs.cpc_features
     torch.manual_seed(seed)
     clf = make_classifier(inputs.cpc_encoder, cfg, data.num_classes)
-    info = train_on_grid(clf, feats.pool_grid[labelled], data.pool_y[labelled], cfg, seed, desc=desc)
-    acc = accuracy(predict_grids(clf, feats.eval_grid), data.eval_y)
-    return dict(accuracy=acc, config=dict(info, batch=cfg.frozen_batch, lr=cfg.frozen_lr, wd=cfg.frozen_wd,
-                                          classifier=cfg.classifier_size, epochs=cfg.frozen_epochs,
-                                          max_steps=cfg.frozen_max_steps))
+    info = train_on_grid(clf, feats.pool_grid[labelled], data.pool_y[labelled], feats.val_grid, data.val_y, cfg,
+                         seed, desc=desc)
+    return dict(scores(data, lambda g: predict_grids(clf, g), feats.eval_grid, feats.select_grid),
+                config=dict(info, batch=cfg.frozen_batch, lr=cfg.frozen_lr, wd=cfg.frozen_wd,
+                            classifier=cfg.classifier_size, max_epochs=cfg.frozen_max_epochs,
+                            max_steps=cfg.frozen_max_steps))
 
 
 @register_arm('cpc_finetune', 'CPC fine-tuned + GridClassifier', dict(color='tab:purple', marker='D'),
-              needs=('cpc_encoder',), cost=3)
+              needs=('cpc_encoder',), cost=4, cpc=True)
 def cpc_finetune(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """CPC encoder + GridClassifier trained end to end (encoder LR scaled down); works on a copy of the encoder."""
     torch.manual_seed(seed)
@@ -146,18 +234,36 @@ def cpc_finetune(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str
                        labelled, seed, desc)
 
 
-@register_arm('scratch', 'Supervised from scratch', dict(color='tab:red', marker='^'), cost=4)
+@register_arm('scratch', 'Patch-grid encoder from scratch + GridClassifier', dict(color='tab:orange', marker='^'),
+              cost=5)
 def scratch(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
-    """Randomly initialized encoder + GridClassifier trained end to end with crop/flip augmentation."""
+    """Randomly initialized CPC encoder (patch grid) + GridClassifier trained end to end with crop/flip."""
     torch.manual_seed(seed)
     return _end_to_end(inputs, create_encoder(inputs.model, inputs.model_args), 1.0, labelled, seed, desc)
 
 
-@register_arm('random_linear', 'Random encoder, linear probe', dict(color='tab:gray', marker='v', linestyle=':'),
-              needs=('random_features',), cost=1)
-def random_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
-    """Randomly initialized encoder, linear probe as cpc_linear: the floor of what pretraining adds."""
-    return _linear(inputs, inputs.random_features, labelled)
+@register_arm('supervised', 'Supervised CNN (whole image)', dict(color='tab:red', marker='^', linewidth=2), cost=3)
+def supervised(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
+    """The supervised baseline: a whole-image CNN (``supervised_model``) from random init, crop/flip augmentation,
+    trained until the validation accuracy stops improving."""
+    cfg, data = inputs.cfg, inputs.data
+    torch.manual_seed(seed)
+    net = create_supervised(cfg.supervised_model, data.num_classes, data.pool_x.shape[1], cfg.supervised_args)
+    mean, std = data.pool_x.float().mean() / 255, data.pool_x.float().std() / 255
+
+    def prep(x):
+        return ((x.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    info = train_images(net, [dict(params=list(net.parameters()), lr=cfg.supervised_lr)], data.pool_x[labelled],
+                        data.pool_y[labelled], data.val_x, data.val_y, prep, cfg, seed, cfg.supervised_batch,
+                        cfg.supervised_wd, cfg.supervised_max_epochs, cfg.supervised_max_steps, desc,
+                        '--supervised-lr')
+    out = scores(data, lambda x: predict_images(net, x, 500, False, prep), data.eval_x, data.select_x)
+    return dict(out, model=net, config=dict(
+        info, model=cfg.supervised_model, args=dict(cfg.supervised_args),
+        params=sum(p.numel() for p in net.parameters()), batch=cfg.supervised_batch, lr=cfg.supervised_lr,
+        wd=cfg.supervised_wd, max_epochs=cfg.supervised_max_epochs, max_steps=cfg.supervised_max_steps,
+        aug=f'random crop pad {cfg.aug_pad} + hflip'))
 
 
 # ============ runs ============
@@ -169,7 +275,7 @@ class EvalInputError(ValueError):
 def check_config(cfg: EvalConfig) -> None:
     """cfg.validate(), the arm names, the encoder (--model, --checkpoint) and the data, before any work; raises
     ValueError (ConfigError: naming the option) saying what is allowed."""
-    bad = [a for a in cfg.arms if a not in ARMS]
+    bad = [a for a in (*cfg.arms, *cfg.arm_fractions) if a not in ARMS]
     if bad or not cfg.arms:
         hint = C.did_you_mean(bad[0], list(ARMS)) if bad else ''
         raise ValueError(f'Unknown arm(s) {bad or "(none given)"}{hint}; choose from {", ".join(ARMS)}.')
@@ -190,8 +296,9 @@ def check_config(cfg: EvalConfig) -> None:
 def run_arm(arm: str, fraction: float, seed: int, inputs: ArmInputs) -> Dict:
     """Train and evaluate one (arm, fraction, seed). Never modifies ``inputs`` (fine-tuning works on a copy).
 
-    Returns a record with the accuracy on the eval split, the labelled subset size, wall time and the arm's config
-    (and ``model`` for arms that train one end to end).
+    Returns a record with the accuracy on the eval split, the accuracy on the selection half of val
+    (``select_accuracy``), the labelled subset size, wall and CPU time and the arm's config (and ``model`` for arms
+    that train one).
     """
     spec = ARMS.get(arm)
     if spec is None:
@@ -208,15 +315,15 @@ def run_arm(arm: str, fraction: float, seed: int, inputs: ArmInputs) -> Dict:
     rec['config'] = result['config']
     if 'model' in result:
         rec['model'] = result['model']
-    rec.update(accuracy=result['accuracy'], wall_s=round(time.time() - t0, 2),
-               cpu_s=round(time.process_time() - c0, 2))
+    rec.update(accuracy=result['accuracy'], select_accuracy=result.get('select_accuracy'),
+               wall_s=round(time.time() - t0, 2), cpu_s=round(time.process_time() - c0, 2))
     return rec
 
 
-def _prepare(cfg: EvalConfig, data: EvalData, timings: Dict) -> Tuple[ArmInputs, Dict]:
-    """Load the encoder and extract the features the chosen arms need, once; returns them and the encoder's
-    source (timings of the extraction go into ``timings``)."""
-    needs = set().union(*(ARMS[a].needs for a in cfg.arms))
+def _prepare(cfg: EvalConfig, data: EvalData, timings: Dict, arms: Sequence[str]) -> Tuple[ArmInputs, Dict]:
+    """Load the encoder and extract the features ``arms`` need, once; returns them and the encoder's source
+    (timings of the extraction go into ``timings``)."""
+    needs = set().union(*(ARMS[a].needs for a in arms))
     inputs = ArmInputs(data, cfg, cfg.model, dict(cfg.model_args))
     src = dict(kind='none')
     if needs & {'cpc_encoder', 'cpc_features', 'cpc_grids'}:
@@ -230,14 +337,16 @@ def _prepare(cfg: EvalConfig, data: EvalData, timings: Dict) -> Tuple[ArmInputs,
         raise ValueError(f'{inputs.model} expects inputs {in_size}, Fashion-MNIST images are '
                          f'{tuple(data.pool_x.shape[1:])}; evaluate a 1-channel 28 px model (cpcv2_resnet_tiny).')
     del probe
+    if 'pixels' in needs:
+        inputs.pixels = pixel_features(data)
     if needs & {'cpc_features', 'cpc_grids'}:
         inputs.cpc_features = features_for(inputs.cpc_encoder, data, 'cpc_grids' in needs, 'extract cpc', cfg)
         timings.update(extract_cpc_s=round(inputs.cpc_features.wall_s, 1),
                        extract_cpc_cpu_s=round(inputs.cpc_features.cpu_s, 1))
-    if 'random_features' in needs:
+    if needs & {'random_features', 'random_grids'}:
         torch.manual_seed(cfg.random_init_seed)
-        inputs.random_features = features_for(create_encoder(inputs.model, inputs.model_args), data, False,
-                                              'extract random', cfg)
+        inputs.random_features = features_for(create_encoder(inputs.model, inputs.model_args), data,
+                                              'random_grids' in needs, 'extract random', cfg)
         timings.update(extract_random_s=round(inputs.random_features.wall_s, 1),
                        extract_random_cpu_s=round(inputs.random_features.cpu_s, 1))
     return inputs, src
@@ -249,9 +358,64 @@ def _say(message: str) -> None:
     sys.stdout.flush()
 
 
+def _labels() -> Dict[str, str]:
+    return {n: a.label for n, a in ARMS.items()}
+
+
+def _cpc_arms() -> List[str]:
+    return [n for n, a in ARMS.items() if a.cpc]
+
+
 def report(out: Path, payload: Dict) -> str:
     """table.md and figure1.png of a results payload, with the registered arms' labels and styles."""
-    return write_report(out, payload, {n: a.label for n, a in ARMS.items()}, {n: a.style for n, a in ARMS.items()})
+    return write_report(out, payload, _labels(), {n: a.style for n, a in ARMS.items()}, _cpc_arms())
+
+
+def section(payload: Dict, image: str) -> str:
+    """The README / model-card section of a results payload (``image``: the figure's path from that file)."""
+    return format_section(payload, _labels(), _cpc_arms(), image, heading='###')
+
+
+def plan_runs(cfg: EvalConfig) -> List[Tuple[str, float, int]]:
+    """The (arm, fraction, seed) runs of a config, cheapest arm first; an arm in ``cfg.arm_fractions`` runs its own
+    fractions. At fraction 1 an arm that uses its seed only to draw the labelled subset (``seeded=False``) runs once:
+    every seed would give the same run."""
+    return [(a, float(f), s) for a in sorted(cfg.arms, key=lambda a: ARMS[a].cost)
+            for f in cfg.arm_fractions.get(a, cfg.fractions)
+            for s in (cfg.seeds[:1] if f == 1.0 and not ARMS[a].seeded else cfg.seeds)]
+
+
+# Settings that may differ between parts of one table, or between a run and its resumption: which runs a part
+# does, its threads, progress bar and folder.
+_MERGE_FREE = ('arms', 'fractions', 'seeds', 'threads', 'progress', 'out', 'resume')
+
+
+def _settings_differ(a: Dict, b: Dict) -> List[str]:
+    a = {k: v for k, v in a.items() if k not in _MERGE_FREE}
+    b = {k: v for k, v in b.items() if k not in _MERGE_FREE}
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _resumed_runs(cfg: EvalConfig, out: Optional[Path]) -> Tuple[Dict, float]:
+    """``out/results.json`` when resuming (else an empty payload) and that file's wall time. Every finished run of
+    it is kept, also of arms, fractions and seeds this config does not ask for (a run split over several commands
+    into one folder); its settings must be this config's."""
+    path = None if out is None else out / 'results.json'
+    if not cfg.resume or path is None or not path.is_file():
+        return dict(config={}, runs=[]), 0.0
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f'{path} is not valid JSON ({e}); delete it or pass --no-resume to start over') from None
+    diff = _settings_differ(old['config'], C.to_dict(cfg))
+    if diff:
+        raise EvalInputError(f'{path} was made with other settings ({", ".join(diff)}); give another --out, delete '
+                             f'it, or pass --no-resume to start over')
+    return old, float(old.get('wall_s') or 0.0)
+
+
+def _union(*lists) -> List:
+    return list(dict.fromkeys(x for xs in lists for x in xs))
 
 
 def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') -> Dict:
@@ -262,34 +426,48 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
         torch.set_num_threads(cfg.threads)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    before, wall_before = _resumed_runs(cfg, out)  # before any work: a results.json of other settings is refused
+    done = before['runs']
+    have = {(r['arm'], r['fraction'], r['seed']) for r in done}
+    jobs = [j for j in plan_runs(cfg) if j not in have]
     timings: Dict = {}
     _say('loading Fashion-MNIST and the encoder; extracting the features the arms need once')
     try:
         data = load_eval_data(cfg)
-        inputs, src = _prepare(cfg, data, timings)
+        inputs, src = _prepare(cfg, data, timings, {a for a, _, _ in jobs})
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # the data or the encoder given
         raise EvalInputError(one_line(e)) from e
+    if src['kind'] == 'none' and before.get('checkpoint'):  # nothing left to run needs the encoder
+        src = before['checkpoint']
     payload = dict(config=C.to_dict(cfg), checkpoint=src, command=command, n_pool=len(data.pool_y),
                    n_val=len(data.val_y), n_eval=len(data.eval_y), threads=torch.get_num_threads(),
                    host=f'{platform.processor() or platform.machine()}, torch {torch.__version__}', timings=timings,
                    runs=[])
 
+    payload['runs'] = done
+    old_cfg = before['config']
+    payload['config'].update(arms=_union(old_cfg.get('arms', ()), cfg.arms),
+                             fractions=sorted(_union(old_cfg.get('fractions', ()), cfg.fractions)),
+                             seeds=sorted(_union(old_cfg.get('seeds', ()), cfg.seeds)))
+    if done:
+        _say(f'resuming {out / "results.json"}: {len(done)} finished runs kept')
+
     def save():
-        payload['wall_s'] = round(time.time() - t_start, 1)
+        payload['wall_s'] = round(wall_before + time.time() - t_start, 1)
         if out is not None:
             write_results(out, payload)
 
-    jobs = [(a, f, s) for a in sorted(cfg.arms, key=lambda a: ARMS[a].cost) for f in cfg.fractions
-            for s in cfg.seeds]
     where = f'; {out / "results.json"} is rewritten after each run' if out is not None else ''
-    _say(f'{len(jobs)} runs: {len(cfg.arms)} arm(s) x {len(cfg.fractions)} fraction(s) x {len(cfg.seeds)} seed(s), '
-         f'cheapest arms first{where}')
+    _say(f'{len(jobs)} runs to do ({len(done)} done before): {len(cfg.arms)} arm(s), fractions '
+         f'{list(cfg.fractions)}, seeds {list(cfg.seeds)}, cheapest arms first{where}')
     bar = tqdm(jobs, desc='runs', disable=not cfg.progress)
     for k, (arm, fraction, seed) in enumerate(bar, 1):
         bar.set_postfix_str(f'{arm} {fraction:g} seed {seed}')
         _say(f'[{k}/{len(jobs)}] {arm} {fraction:.2%} seed {seed} ...')
         rec = run_arm(arm, fraction, seed, inputs)
         rec.pop('model', None)
+        if not ARMS[arm].seeded and fraction == 1.0:
+            rec['deterministic'] = True  # the labelled set is the whole pool: every seed gives this run
         payload['runs'].append(rec)
         save()
         _say(f"[{k}/{len(jobs)}] {arm} {fraction:.2%} seed {seed}: {data.split} acc {100 * rec['accuracy']:.2f}% "
@@ -306,26 +484,21 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
         save()  # with the targets
         print(text)
     else:
-        payload['targets'] = check_targets(summarize(payload['runs']))
+        payload['targets'] = check_targets(summarize(payload['runs']), pick_best_cpc(payload['runs'], _cpc_arms()))
     return payload
-
-
-# Settings that may differ between parts of one table: which arms a part ran, its threads, progress bar and folder.
-_MERGE_FREE = ('arms', 'threads', 'progress', 'out')
 
 
 def merge_results(parts: Sequence[Dict]) -> Dict:
     """One payload from figure1 payloads of the same evaluation split across processes (disjoint arms).
 
-    Raises ValueError if the parts differ in anything but their arms and threads, or repeat an (arm, fraction, seed).
+    Raises ValueError if the parts differ in anything but the runs they did (arms, fractions, seeds) and threads, or
+    repeat an (arm, fraction, seed).
     """
     base = parts[0]
-    same = {k: v for k, v in base['config'].items() if k not in _MERGE_FREE}
     runs, seen, arms = [], set(), []
     for part in parts:
-        other = {k: v for k, v in part['config'].items() if k not in _MERGE_FREE}
-        if other != same:
-            diff = sorted(k for k in set(same) | set(other) if same.get(k) != other.get(k))
+        diff = _settings_differ(base['config'], part['config'])
+        if diff:
             raise ValueError(f'cannot merge evaluations with different settings: {diff}')
         for r in part['runs']:
             key = (r['arm'], r['fraction'], r['seed'])
@@ -339,6 +512,9 @@ def merge_results(parts: Sequence[Dict]) -> Dict:
     for i, part in enumerate(parts):
         timings[f'part{i}'] = dict(arms=sorted({r['arm'] for r in part['runs']}), wall_s=part.get('wall_s'),
                                    threads=part.get('threads'), **part.get('timings', {}))
-    return dict(base, config=dict(base['config'], arms=arms), runs=runs, timings=timings,
+    fractions = sorted({f for p in parts for f in p['config'].get('fractions', ())})
+    seeds = sorted({s for p in parts for s in p['config'].get('seeds', ())})
+    return dict(base, config=dict(base['config'], arms=arms, fractions=fractions, seeds=seeds), runs=runs,
+                timings=timings,
                 wall_s=max(p.get('wall_s') or 0 for p in parts), threads=sum(p.get('threads') or 0 for p in parts),
                 command=' ; '.join(p.get('command', '') for p in parts))

@@ -1,0 +1,188 @@
+"""Figure 1's runner and report on the Fashion-MNIST subset shipped in tests/data (2,000 training images): the run plan
+(one run at 100% for arms whose seed only draws the labels), resuming, merging split parts, the best CPC arm picked
+on the selection half, every target's PASS/MISS, and the README/model-card section."""
+import json
+
+import pytest
+
+from cpc_models.evaluate import (
+    ARMS,
+    EvalConfig,
+    check_config,
+    check_targets,
+    main,
+    pick_best_cpc,
+    plan_runs,
+    summarize,
+)
+from cpc_models.evaluate.report import SECTION, format_table, replace_section
+
+
+FAST = ['--val-size', '200', '--seeds', '0', '--linear-max-iter', '30', '--no-progress', '--threads', '1']
+
+
+def _run(out, data_dir, *extra):
+    assert main(['figure1', '--checkpoint', 'random', '--out', str(out), '--data-dir', str(data_dir), *FAST,
+                 *extra]) == 0
+    return json.loads((out / 'results.json').read_text())
+
+
+# ---------------- the run plan ----------------
+
+def test_arms_whose_seed_only_draws_labels_run_once_at_100_percent():
+    cfg = EvalConfig(arms=('cpc_linear', 'cpc_frozen'), fractions=(0.1, 1.0), seeds=(0, 1, 2))
+    plan = plan_runs(cfg)
+    assert [(a, f, s) for a, f, s in plan if f == 1.0] == [('cpc_linear', 1.0, 0)] + [
+        ('cpc_frozen', 1.0, s) for s in (0, 1, 2)]
+    assert len(plan) == 3 + 1 + 3 + 3
+    cfg.arm_fractions = {'cpc_frozen': [0.5]}
+    assert plan_runs(cfg) == [('cpc_linear', 0.1, s) for s in (0, 1, 2)] + [('cpc_linear', 1.0, 0)] + [
+        ('cpc_frozen', 0.5, s) for s in (0, 1, 2)]
+    for bad in ({'cpc_frozen': [2.0]}, {'cpc_frozen': []}, {'cpc_frozen': '0.1'}):
+        with pytest.raises(ValueError, match='arm_fractions'):
+            EvalConfig(arm_fractions=bad).validate()
+    with pytest.raises(ValueError, match='bogus'):
+        check_config(EvalConfig(arm_fractions={'bogus': [0.1]}))
+    assert not ARMS['cpc_linear'].seeded and ARMS['cpc_frozen'].seeded and ARMS['supervised'].seeded
+    assert {a for a, spec in ARMS.items() if spec.cpc} >= {'cpc_linear', 'cpc_grid_linear', 'cpc_knn', 'cpc_frozen',
+                                                           'cpc_finetune'}
+
+
+# ---------------- report: summary, best CPC arm, targets ----------------
+
+def _rec(arm, f, seed, acc, sel=None, **kw):
+    return dict(arm=arm, fraction=f, seed=seed, accuracy=acc, select_accuracy=acc if sel is None else sel, **kw)
+
+
+def test_deterministic_cells_say_so_instead_of_a_zero_std():
+    runs = [_rec('cpc_linear', 1.0, 0, 0.8, deterministic=True), _rec('cpc_linear', 0.1, 0, 0.7),
+            _rec('cpc_linear', 0.1, 1, 0.72), _rec('cpc_frozen', 1.0, 0, 0.9), _rec('cpc_frozen', 1.0, 1, 0.9)]
+    s = summarize(runs)
+    assert s['cpc_linear'][1.0] == (0.8, None, 1)
+    assert s['cpc_frozen'][1.0] == (0.9, 0.0, 2)  # seeded runs that happen to agree still show their std
+    table = format_table(s, ['cpc_linear', 'cpc_frozen'], {})
+    assert '80.00 (deterministic)' in table and '90.00 ± 0.00' in table and '71.00 ± 1.41' in table
+
+
+def test_best_cpc_arm_is_picked_on_the_selection_half_not_on_the_eval_split():
+    runs = [_rec('cpc_linear', 0.01, s, 0.90, sel=0.70) for s in (0, 1)] + \
+           [_rec('cpc_frozen', 0.01, s, 0.80, sel=0.75) for s in (0, 1)] + \
+           [_rec('cpc_knn', 0.02, 0, 0.5, sel=0.6), _rec('supervised', 0.01, 0, 0.99, sel=0.99)]
+    best = pick_best_cpc(runs, ['cpc_linear', 'cpc_frozen', 'cpc_knn'])
+    assert best == {0.01: 'cpc_frozen', 0.02: 'cpc_knn'}  # the higher eval accuracy of cpc_linear is not looked at
+    table = format_table(summarize(runs), ['cpc_linear', 'cpc_frozen'], {}, best)
+    assert "| **Best CPC arm, picked on val** | 80.00 ± 0.00 `cpc_frozen` | 50.00 ± 0.00 (n=1) `cpc_knn` |" in table
+
+
+def _summary(**cells):
+    """{arm: {fraction: (mean, 0, 3)}} from arm=[(fraction, accuracy %), ...]."""
+    return {a: {f: (v / 100, 0.0, 3) for f, v in fv} for a, fv in cells.items()}
+
+
+def test_every_target_passes_and_misses_on_its_own_numbers():
+    base = dict(pixels_linear=[(0.01, 76.0)], random_linear=[(0.01, 63.0)],
+                cpc_linear=[(0.01, 79.0)], cpc_grid_linear=[(0.01, 84.0)],
+                cpc_frozen=[(f, 85.0) for f in (0.01, 0.02, 0.04, 0.05, 0.1, 0.2)],
+                supervised=[(0.01, 70.0), (0.02, 80.0), (0.04, 84.0), (0.05, 84.5), (0.1, 85.0), (0.2, 85.0),
+                            (1.0, 91.5)],
+                cpc_knn=[(0.01, 70.0), (1.0, 80.0)], pixels_knn=[(0.01, 69.0), (1.0, 79.9)])
+    best = {f: 'cpc_frozen' for f in (0.01, 0.02, 0.04, 0.05, 0.1, 0.2)}
+    t = {x['target']: x['status'] for x in check_targets(_summary(**base), best)}
+    assert t == {'cpc_linear@1% >= pixels_linear@1% + 3': 'PASS', 'cpc_linear@1% >= random_linear@1% + 10': 'PASS',
+                 'cpc_grid_linear@1% >= pixels_linear@1% + 8': 'PASS', 'best CPC@1% >= supervised@2%': 'PASS',
+                 'best CPC@2% >= supervised@4%': 'PASS', 'best CPC@5% >= supervised@10%': 'PASS',
+                 'best CPC >= supervised at every fraction <= 20%': 'PASS',
+                 'cpc_knn > pixels_knn at every fraction': 'PASS',
+                 'supervised@100% >= 91% (the baseline is trained)': 'PASS'}
+    flips = [('cpc_linear', [(0.01, 78.9)], 'cpc_linear@1% >= pixels_linear@1% + 3'),
+             ('random_linear', [(0.01, 69.5)], 'cpc_linear@1% >= random_linear@1% + 10'),
+             ('cpc_grid_linear', [(0.01, 83.9)], 'cpc_grid_linear@1% >= pixels_linear@1% + 8'),
+             ('cpc_frozen', [(0.01, 79.9)] + base['cpc_frozen'][1:], 'best CPC@1% >= supervised@2%'),
+             ('cpc_frozen', [(0.01, 85.0), (0.02, 83.9)] + base['cpc_frozen'][2:], 'best CPC@2% >= supervised@4%'),
+             ('supervised', base['supervised'][:5] + [(0.2, 85.2), (1.0, 91.5)],
+              'best CPC >= supervised at every fraction <= 20%'),
+             ('pixels_knn', [(0.01, 69.0), (1.0, 80.0)], 'cpc_knn > pixels_knn at every fraction'),  # ties miss
+             ('supervised', base['supervised'][:-1] + [(1.0, 90.9)],
+              'supervised@100% >= 91% (the baseline is trained)')]
+    for arm, cells, target in flips:
+        t = {x['target']: x['status'] for x in check_targets(_summary(**dict(base, **{arm: cells})), best)}
+        assert [k for k, v in t.items() if v == 'MISS'] == [target], (arm, t)
+    t = {x['target']: x['status'] for x in check_targets(_summary(cpc_linear=[(0.01, 0.8)]))}
+    assert set(t.values()) == {'n/a'}
+
+
+def test_replace_section_keeps_the_rest_of_the_file(tmp_path):
+    md = tmp_path / 'README.md'
+    md.write_text('# Title\n\nintro\n')
+    replace_section(md, 'first')
+    replace_section(md, 'second\ntable')
+    text = md.read_text()
+    assert text.startswith('# Title\n\nintro\n') and text.count(SECTION[0]) == 1
+    assert f'{SECTION[0]}\nsecond\ntable\n{SECTION[1]}' in text and 'first' not in text
+
+
+# ---------------- the runner on the shipped subset ----------------
+
+def test_figure1_resumes_merges_and_writes_the_readme_section(tmp_path, fmnist_dir, capsys):
+    out = tmp_path / 'a'
+    res = _run(out, fmnist_dir, '--arms', 'pixels_linear', '--fractions', '0.2,1')
+    assert [(r['arm'], r['fraction'], r.get('deterministic', False)) for r in res['runs']] == [
+        ('pixels_linear', 0.2, False), ('pixels_linear', 1.0, True)]
+    assert res['n_pool'] == 1800 and res['n_val'] == 100 and res['n_eval'] == 100
+    assert all(r['select_accuracy'] == r['accuracy'] for r in res['runs'])
+    pixels = {r['fraction']: r['accuracy'] for r in res['runs'] if r['arm'] == 'pixels_linear'}
+    assert pixels[0.2] > 0.6 and pixels[1.0] > 0.6  # real Fashion-MNIST: far above the 10% of chance
+
+    # the same command again finds every run done and repeats none
+    assert _run(out, fmnist_dir, '--arms', 'pixels_linear', '--fractions', '0.2,1')['runs'] == res['runs']
+    # resuming with one more arm keeps the earlier runs as they were and adds only the new ones
+    res2 = _run(out, fmnist_dir, '--arms', 'pixels_linear,pixels_knn', '--fractions', '0.2,1')
+    assert res2['runs'][:2] == res['runs'] and [r['arm'] for r in res2['runs'][2:]] == ['pixels_knn'] * 2
+    # a later command with other arms and fractions into the same folder keeps every earlier run (split sessions)
+    res2b = _run(out, fmnist_dir, '--arms', 'pixels_knn', '--fractions', '0.5')
+    assert res2b['runs'][:4] == res2['runs'] and [(r['arm'], r['fraction']) for r in res2b['runs'][4:]] == [
+        ('pixels_knn', 0.5)]
+    assert res2b['config']['arms'] == ['pixels_linear', 'pixels_knn'] and res2b['config']['fractions'] == [
+        0.2, 0.5, 1.0]
+    # other settings are refused before any work, with one line (status 2), and the file is left as it was
+    assert main(['figure1', '--checkpoint', 'random', '--out', str(out), '--data-dir', str(fmnist_dir), *FAST,
+                 '--arms', 'pixels_knn', '--knn-k', '5']) == 2
+    err = capsys.readouterr().err
+    assert 'other settings (knn_k)' in err and '--no-resume' in err and 'Traceback' not in err
+    assert json.loads((out / 'results.json').read_text())['runs'] == res2b['runs']
+    res3 = _run(out, fmnist_dir, '--arms', 'pixels_knn', '--fractions', '0.2', '--knn-k', '5', '--no-resume')
+    assert len(res3['runs']) == 1 and res3['config']['knn_k'] == 5
+
+    # parts that split the fractions merge into one table; the section goes between the README markers
+    part = tmp_path / 'b'
+    _run(part, fmnist_dir, '--arms', 'pixels_linear', '--fractions', '0.5')
+    readme = tmp_path / 'README.md'
+    readme.write_text('# Project\n')
+    merged = tmp_path / 'merged'
+    assert main(['merge', str(merged), str(out), str(part)]) == 2  # out now holds the knn_k=5 run
+    assert 'knn_k' in capsys.readouterr().err
+    assert main(['merge', str(merged), str(part), str(part)]) == 2  # the same runs twice
+    assert 'more than one part' in capsys.readouterr().err
+    b = json.loads((part / 'results.json').read_text())
+    (tmp_path / 'a2').mkdir()
+    (tmp_path / 'a2' / 'results.json').write_text(json.dumps(res))
+    assert main(['merge', str(merged), str(tmp_path / 'a2'), str(part)]) == 0
+    m = json.loads((merged / 'results.json').read_text())
+    assert m['config']['fractions'] == [0.2, 0.5, 1.0] and len(m['runs']) == len(res['runs']) + len(b['runs'])
+    assert main(['plot', str(merged), '--readme', str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith('# Project\n') and SECTION[0] in text and '| 20% | 50% | 100% |' in text
+    assert '![Figure 1](merged/figure1.png)' in text and '| target | status | detail |' in text
+
+
+def test_figure1_trained_arms_record_their_convergence(tmp_path, fmnist_dir):
+    res = _run(tmp_path / 'c', fmnist_dir, '--arms', 'supervised,cpc_frozen', '--fractions', '0.5',
+               '--supervised-args', '{"widths": [8, 16], "depth": 1}', '--round-images', '200', '--patience', '1',
+               '--lr-drops', '0', '--supervised-max-epochs', '6', '--frozen-max-epochs', '6')
+    for r in res['runs']:
+        c = r['config']
+        assert c['stopped'] in ('plateau', 'cap') and 0 < c['best_epoch'] <= c['epochs'] <= 6
+        assert c['images_seen'] == round(c['epochs'] * r['n_labels'])
+        assert len(c['val_curve']) >= 1 and c['best_val_acc'] == max(a for _, a in c['val_curve'])
+    table = (tmp_path / 'c' / 'table.md').read_text()
+    assert '| Supervised CNN (whole image) | 50% | 900 |' in table
