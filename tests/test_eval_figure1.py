@@ -1,8 +1,9 @@
 """Figure 1's runner and report on the Fashion-MNIST subset shipped in tests/data (2,000 training images): the run plan
 (one run at 100% for arms whose seed only draws the labels), resuming, merging split parts, the best CPC arm picked
-on the selection half, every target's PASS/MISS, and the README/model-card section."""
+on the selection half, every target's PASS/MISS, the README/model-card section, and ``cpc-eval probe``."""
 import json
 
+import numpy as np
 import pytest
 
 from cpc_models.evaluate import (
@@ -15,7 +16,17 @@ from cpc_models.evaluate import (
     plan_runs,
     summarize,
 )
+from cpc_models.evaluate.probe import ProbeConfig, run_probe
 from cpc_models.evaluate.report import SECTION, format_table, replace_section
+
+
+@pytest.fixture(scope='module')
+def train_only_dir(tmp_path_factory, fmnist_dir):
+    """The shipped subset's training files without a test set: whatever reads it fails."""
+    root = tmp_path_factory.mktemp('train-only')
+    for f in fmnist_dir.glob('train-*'):
+        (root / f.name).write_bytes(f.read_bytes())
+    return root
 
 
 FAST = ['--val-size', '200', '--seeds', '0', '--linear-max-iter', '30', '--no-progress', '--threads', '1']
@@ -186,3 +197,35 @@ def test_figure1_trained_arms_record_their_convergence(tmp_path, fmnist_dir):
         assert len(c['val_curve']) >= 1 and c['best_val_acc'] == max(a for _, a in c['val_curve'])
     table = (tmp_path / 'c' / 'table.md').read_text()
     assert '| Supervised CNN (whole image) | 50% | 900 |' in table
+
+
+# ---------------- cpc-eval probe ----------------
+
+def test_probe_reads_only_the_validation_split_and_matches_figure1(tmp_path, train_only_dir, fmnist_dir, capsys):
+    cfg = ProbeConfig(checkpoint='random', features=('pooled', 'grid', 'pixels'), fraction=0.1, seeds=(0, 1),
+                      data_dir=str(train_only_dir), val_size=200, linear_max_iter=30, progress=False,
+                      out=str(tmp_path / 'probe.json'))
+    res = run_probe(cfg)  # no test files in train_only_dir: reading them would fail
+    assert res['n_labels'] == 180 and res['n_tune'] == 100 and res['n_select'] == 100
+    assert json.loads((tmp_path / 'probe.json').read_text())['results'] == res['results']
+    for kind, dims in (('pooled', 256), ('grid', 256 * 36), ('pixels', 784)):
+        r = res['results'][kind]
+        assert r['dims'] == dims and [p['seed'] for p in r['per_seed']] == [0, 1]
+        assert r['mean'] == pytest.approx(np.mean([p['accuracy'] for p in r['per_seed']]))
+        assert all(p['wd'] in cfg.linear_wds for p in r['per_seed'])
+    # the same protocol as figure1's pixels_linear on the split 'val' (same subsets, same halves, same fit)
+    fig = _run(tmp_path / 'f', fmnist_dir, '--arms', 'pixels_linear', '--fractions', '0.1', '--seeds', '0,1',
+               '--linear-max-iter', '30')
+    assert [r['accuracy'] for r in fig['runs']] == [p['accuracy'] for p in res['results']['pixels']['per_seed']]
+
+    assert main(['probe', '--features', 'pixels', '--fraction', '10%', '--seeds', '0', '--val-size', '200',
+                 '--data-dir', str(train_only_dir), '--no-progress']) == 0
+    assert 'pixels (784 dims)' in capsys.readouterr().out
+    assert main(['probe', '--features', 'pooled,bogus']) == 2
+    assert 'bogus' in capsys.readouterr().err
+    assert main(['probe', '--features', 'pooled']) == 2
+    assert '--checkpoint' in capsys.readouterr().err
+    assert main(['probe', '--features', 'pixels', '--data-dir', str(tmp_path / 'nothing')]) == 2
+    assert '--data-dir: Fashion-MNIST IDX files not found' in capsys.readouterr().err  # before any work
+    assert main(['probe', '--checkpoint', str(tmp_path / 'no.safetensors'), '--data-dir', str(train_only_dir)]) == 2
+    assert '--checkpoint' in capsys.readouterr().err

@@ -24,12 +24,13 @@ the best CPC arm of each fraction is picked on the other half. The official test
 Usage::
 
     cpc-eval figure1 --checkpoint cpcv2_resnet_tiny.fmnist --out results/fmnist --split test
+    cpc-eval probe --checkpoint runs/fmnist/checkpoints/step_001000   # val-split probe at 1%: compare checkpoints
     cpc-eval plot results/fmnist --readme README.md                   # table, figure, README section again
     cpc-eval figure1 --help                                           # every option, with its default
 
 Modules: ``eval_config`` (EvalConfig), ``data`` (label subsets, splits, features), ``encoders`` (which encoder),
 ``baselines`` (the supervised CNNs), ``protocols`` (linear probe, k-NN, the convergence rule, training),
-``figure1`` (arms, runs, resuming, merging), ``report`` (tables, targets, plot), ``cli``.
+``figure1`` (arms, runs, resuming, merging), ``probe``, ``report`` (tables, targets, plot), ``cli``.
 """
 from ..extract import extract_features
 from .baselines import ConvNet, create_supervised
@@ -57,14 +58,15 @@ from .figure1 import (
     run_arm,
     run_figure1,
 )
+from .probe import ProbeConfig, run_probe
 from .protocols import fit_linear_probe, knn_predict, train_end_to_end, train_on_grid, train_until_plateau
 from .report import check_targets, format_table, pick_best_cpc, plot_figure1, summarize
 
 __all__ = [
     'ARMS', 'Arm', 'ArmInputs', 'ConvNet', 'DEFAULT_ARMS', 'DEFAULT_FRACTIONS', 'EvalConfig', 'EvalData', 'Features',
-    'balanced_count', 'balanced_subset', 'check_config', 'check_targets', 'create_encoder',
+    'ProbeConfig', 'balanced_count', 'balanced_subset', 'check_config', 'check_targets', 'create_encoder',
     'create_supervised', 'extract_features', 'features_for', 'fit_linear_probe', 'format_table', 'knn_predict',
     'load_encoder', 'load_eval_data', 'main', 'merge_results', 'pick_best_cpc', 'plan_runs', 'plot_figure1',
-    'register_arm', 'run_arm', 'run_figure1', 'split_halves', 'split_train_val', 'summarize',
+    'register_arm', 'run_arm', 'run_figure1', 'run_probe', 'split_halves', 'split_train_val', 'summarize',
     'train_end_to_end', 'train_on_grid', 'train_until_plateau',
 ]

@@ -1,4 +1,4 @@
-"""``cpc-eval``: ``figure1`` (options: every EvalConfig field, parsed by cpc_models.config),
+"""``cpc-eval``: ``figure1`` (options: every EvalConfig field, parsed by cpc_models.config), ``probe`` (ProbeConfig),
 ``plot``, ``merge``."""
 import argparse
 import json
@@ -12,11 +12,13 @@ from .. import config as C
 from ..checks import one_line
 from .eval_config import EvalConfig
 from .figure1 import EvalInputError, check_config, merge_results, report, run_figure1, section
+from .probe import ProbeConfig, check_probe, format_probe, run_probe
 from .report import replace_section, write_results
 
 __all__ = ['main']
 
 USAGE = '''cpc-eval figure1 --checkpoint CKPT --out DIR [--KEY VALUE ...]   run the arms over fractions and seeds
+cpc-eval probe --checkpoint CKPT [--KEY VALUE ...]                val-split linear probe at 1% labels (pooled, grid)
 cpc-eval plot DIR [--readme MD] [--card MD]                       table.md and figure1.png again from results.json
 cpc-eval merge DIR PART [PART ...]                                merge figure1 outputs run as parallel parts'''
 
@@ -74,12 +76,30 @@ def _relative(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
 
 
+def _probe(argv: List[str]) -> int:
+    prog = 'cpc-eval probe'
+    cfg = C.parse_args(ProbeConfig(), argv, prog=prog, description=USAGE.splitlines()[1])
+    try:
+        check_probe(cfg)
+    except ValueError as e:
+        return C.usage_error(prog, one_line(e))
+    try:
+        res = run_probe(cfg)
+    except EvalInputError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    print(format_probe(res))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """cpc-eval. Exit status: 0 done, 2 bad input (one line says what to change)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ('-h', '--help'):
         print(f'usage:\n{USAGE}\n\ncpc-eval figure1 --help lists every option; docs/evaluation.md the protocols.')
         return 0 if argv else 2
+    if argv[0] == 'probe':
+        return _probe(argv[1:])
     if argv[0] != 'figure1':
         return _plot_or_merge(argv)
     prog = 'cpc-eval figure1'
