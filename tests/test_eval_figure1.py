@@ -150,7 +150,8 @@ def test_figure1_resumes_merges_and_writes_the_readme_section(tmp_path, fmnist_d
     res2 = _run(out, fmnist_dir, '--arms', 'pixels_linear,pixels_knn', '--fractions', '0.2,1')
     assert res2['runs'][:2] == res['runs'] and [r['arm'] for r in res2['runs'][2:]] == ['pixels_knn'] * 2
     # a later command with other arms and fractions into the same folder keeps every earlier run (split sessions)
-    res2b = _run(out, fmnist_dir, '--arms', 'pixels_knn', '--fractions', '0.5')
+    res2b = _run(out, fmnist_dir, '--arms', 'pixels_knn', '--fractions', '1', '--arm-fractions',
+                 '{"pixels_knn": [0.5]}')
     assert res2b['runs'][:4] == res2['runs'] and [(r['arm'], r['fraction']) for r in res2b['runs'][4:]] == [
         ('pixels_knn', 0.5)]
     assert res2b['config']['arms'] == ['pixels_linear', 'pixels_knn'] and res2b['config']['fractions'] == [

@@ -387,7 +387,7 @@ def plan_runs(cfg: EvalConfig) -> List[Tuple[str, float, int]]:
 
 # Settings that may differ between parts of one table, or between a run and its resumption: which runs a part
 # does, its threads, progress bar and folder.
-_MERGE_FREE = ('arms', 'fractions', 'seeds', 'threads', 'progress', 'out', 'resume')
+_MERGE_FREE = ('arms', 'fractions', 'arm_fractions', 'seeds', 'threads', 'progress', 'out', 'resume')
 
 
 def _settings_differ(a: Dict, b: Dict) -> List[str]:
@@ -447,7 +447,8 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
     payload['runs'] = done
     old_cfg = before['config']
     payload['config'].update(arms=_union(old_cfg.get('arms', ()), cfg.arms),
-                             fractions=sorted(_union(old_cfg.get('fractions', ()), cfg.fractions)),
+                             fractions=sorted(_union(old_cfg.get('fractions', ()), cfg.fractions,
+                                                     *(cfg.arm_fractions.get(a, ()) for a in cfg.arms))),
                              seeds=sorted(_union(old_cfg.get('seeds', ()), cfg.seeds)))
     if done:
         _say(f'resuming {out / "results.json"}: {len(done)} finished runs kept')
