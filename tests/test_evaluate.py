@@ -18,11 +18,19 @@ from cpc_models.evaluate import (
     load_eval_data,
     main,
     run_arm,
+    split_halves,
     split_train_val,
 )
 
 
 # ---------------- label subsets ----------------
+
+def test_split_halves_are_seeded_disjoint_halves():
+    a, b = split_halves(11, 7)
+    assert len(a) == 5 and len(b) == 6 and sorted(torch.cat([a, b]).tolist()) == list(range(11))
+    assert torch.equal(a, torch.sort(a).values) and torch.equal(split_halves(11, 7)[0], a)
+    assert not torch.equal(split_halves(11, 8)[0], a)
+
 
 def test_balanced_subset_is_balanced_seeded_and_complete():
     labels = torch.arange(10).repeat_interleave(100)  # 10 classes x 100

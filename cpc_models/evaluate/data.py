@@ -56,9 +56,12 @@ def split_train_val(labels: torch.Tensor, val_size: int, seed: int = 0) -> Tuple
     return torch.nonzero(mask, as_tuple=True)[0], val
 
 
-def split_halves(labels: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(first, second): disjoint sorted positions of a class-balanced half of ``labels`` and of the rest."""
-    return split_train_val(labels, len(labels) // 2, seed)[::-1]
+def split_halves(n: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(first, second): disjoint sorted positions of a seeded random half of range(n) (n // 2 of them) and of the
+    rest."""
+    first = torch.zeros(n, dtype=torch.bool)
+    first[torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:n // 2]] = True
+    return torch.nonzero(first, as_tuple=True)[0], torch.nonzero(~first, as_tuple=True)[0]
 
 
 # ============ the splits ============
@@ -103,7 +106,7 @@ def load_eval_splits(cfg) -> Tuple[torch.Tensor, ...]:
     pool, val = split_train_val(y, cfg.val_size, cfg.val_seed)
     if getattr(cfg, 'train_subset', 0):
         pool = pool[balanced_count(y[pool], min(cfg.train_subset, len(pool)), cfg.val_seed + 1)]
-    tune, select = split_halves(y[val], cfg.val_seed + 3)
+    tune, select = split_halves(len(val), cfg.val_seed + 7)  # with val_seed 0: the halves of results/fmnist_search
     return x, y, pool, val[tune], val[select]
 
 
