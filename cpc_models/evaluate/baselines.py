@@ -1,7 +1,7 @@
 """The supervised baseline of Figure 1: a whole-image CNN trained from random init on the labelled images.
 
 The paper's baseline is a ResNet trained on pixels with all the tricks it could find (Hénaff et al. 2020, Sec. 4.2,
-Fig. 1 red). Here the network is picked on the validation split among small candidates (docs/evaluation.md):
+Fig. 1 red). Here it is a small network; the default was measured on the validation split (docs/evaluation.md):
 
 * ``convnet``: a plain VGG-style net (:class:`ConvNet`): stages of 3x3 conv + batch norm + ReLU, a 2x2 max-pool
   between stages, global average pool, dropout, linear.

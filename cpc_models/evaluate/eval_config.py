@@ -57,12 +57,12 @@ class EvalConfig:
     e2e_max_epochs: float = 200.0  # cpc_finetune, scratch: cap on epochs over the labelled images
     e2e_max_steps: int = 0  # cpc_finetune, scratch: cap on steps (0: none)
     e2e_batch: int = 64  # cpc_finetune, scratch: images per step
-    e2e_lr: float = 5e-3  # picked on val: scratch, 2% labels, 150 steps (docs/evaluation.md)
+    e2e_lr: float = 5e-3  # picked on val for scratch at 2% labels with a 150-step budget (docs/evaluation.md)
     e2e_wd: float = 0.05  # cpc_finetune, scratch: AdamW weight decay
     finetune_encoder_lr_scale: float = 0.1  # cpc_finetune: encoder learning rate = e2e_lr * this
     # ---- supervised baseline (whole-image CNN) ----
-    supervised_model: str = 'convnet'  # 'convnet' or a timm model name (picked on val, docs/evaluation.md)
-    # its keyword arguments, as JSON; picked on val: 91.5% (tuning half) at 100% of the labels (docs/evaluation.md)
+    supervised_model: str = 'convnet'  # 'convnet' or a timm model name (docs/evaluation.md)
+    # its keyword arguments, as JSON; measured on val: 91.5% (tuning half) at 100% of the labels (docs/evaluation.md)
     supervised_args: Dict[str, Any] = field(default_factory=lambda: {'widths': [32, 64, 128], 'depth': 1})
     supervised_batch: int = 128  # images per step
     supervised_lr: float = 2e-3  # AdamW peak learning rate
