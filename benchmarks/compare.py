@@ -31,9 +31,8 @@ from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
-from benchmarks.common import cpu_model, spread
+from benchmarks.common import cpu_model, markdown_header, save_results, spread
 from cpc_models import config as C
-from cpc_models.atomic import write_text
 from cpc_models.data import fashion_mnist_dir
 from cpc_models.train import build_config
 
@@ -150,11 +149,7 @@ class Comparison:
         print(f'[{time.monotonic() - self.t0:6.0f}s] {msg}', flush=True)
 
     def save(self) -> None:
-        self.doc['elapsed_s'] = time.monotonic() - self.t0
-        self.doc['load_average_at_end'] = list(os.getloadavg())
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_text(self.out / f'{self.name}.json', json.dumps(self.doc, indent=2) + '\n')
-        write_text(self.out / f'{self.name}.md', render_markdown(self.doc))
+        save_results(self.doc, self.out, self.name, render_markdown, self.t0)
 
     def argv(self, data_dir: Path, steps: int, run_dir: Path, extra: List[str]) -> List[str]:
         return ['--preset', self.cfg.preset, '--data-dir', str(data_dir), '--device', self.cfg.device,
@@ -293,16 +288,11 @@ def loss_line(doc: Dict) -> str:
 
 
 def render_markdown(doc: Dict) -> str:
-    cfg, m = doc['config'], doc['machine']
-    la0, la1 = m['load_average_at_start'], doc.get('load_average_at_end') or [float('nan')] * 3
-    lines = [f"# cpc-train step: this tree vs `{cfg['against']}`", '',
-             f"Command: `{doc['command']}` (elapsed {doc.get('elapsed_s', 0) / 60:.0f} min).", '',
+    cfg = doc['config']
+    lines = markdown_header(doc, f"cpc-train step: this tree vs `{cfg['against']}`") + [
              f"Baseline: {_side(doc['base'] or dict(rev=cfg['against'], commit='?'), cfg['base_args'])}; "
              f"ours: {_side(doc['ours'], cfg['ours_args'])}. Preset `{cfg['preset']}` (batch {doc['batch']}) on "
              f"{cfg['device']}, data: {(doc.get('data') or {}).get('kind', '?')}.", '',
-             f"Machine: {m['cpu']} ({m['logical_cores']} logical cores), Python {m['python']}; load average "
-             f"(1/5/15 min) at start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, at end {la1[0]:.2f}/{la1[1]:.2f}/"
-             f"{la1[2]:.2f}.", '',
              f"Each round runs both trees in fresh processes ({cfg['warmup']} untimed + {cfg['steps']} timed steps "
              f"each, first tree alternating); speed-up = baseline's median step time / ours (= our images/s over "
              f"theirs) per round, then the median over rounds. CPU-time ratio: the same with process CPU time, less "

@@ -8,7 +8,6 @@ what cpc-train compiles: the encoder trunk and the objective). Every row gives t
 (median over rounds of base time / mode time, with min-max), so ``runtime.CPU_CHANNELS_LAST`` and
 ``runtime.COMPILE_DEVICES`` can be read off the table. The compiled modes also give their first-call (compile) time.
 """
-import json
 import os
 import sys
 import time
@@ -19,9 +18,8 @@ from typing import Dict, List
 import torch
 
 from benchmarks.cases import apply_mode, build_setup, make_inference, make_train_step, parse_mode
-from benchmarks.common import alternate, cpu_model, spread
+from benchmarks.common import alternate, cpu_model, markdown_header, save_results, spread
 from cpc_models import config as C
-from cpc_models.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 PROG = 'python -m benchmarks.layout'
@@ -79,26 +77,14 @@ def run(cfg: LayoutConfig, command: str) -> Dict:
                     speedup=spread([b['wall_s'] / r['wall_s'] for b, r in zip(base, times[mode])]),
                     cpu_speedup=spread([b['cpu_s'] / r['cpu_s'] for b, r in zip(base, times[mode])]),
                     load=spread([r['load_before'] for r in times[mode]])))
-            doc['elapsed_s'] = time.monotonic() - t0
-            doc['load_average_at_end'] = list(os.getloadavg())
-            save(doc, Path(cfg.out), cfg.name)
+            save_results(doc, Path(cfg.out), cfg.name, render_markdown, t0)
     return doc
 
 
-def save(doc: Dict, out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / f'{name}.json', json.dumps(doc, indent=2) + '\n')
-    write_text(out / f'{name}.md', render_markdown(doc))
-
-
 def render_markdown(doc: Dict) -> str:
-    m, cfg = doc['machine'], doc['config']
-    la0, la1 = m['load_average_at_start'], doc.get('load_average_at_end') or [float('nan')] * 3
-    lines = [f"# Layout and compilation on the CPU: {cfg['variant']}", '',
-             f"Command: `{doc['command']}` (elapsed {doc.get('elapsed_s', 0) / 60:.0f} min).", '',
-             f"Machine: {m['cpu']} ({m['logical_cores']} logical cores), torch {m['torch']}; load average (1/5/15 "
-             f"min) at start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, at end {la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}.",
-             '', f"Training step: the cpc-train step (`train_step`) of the preset, batch {cfg['train_batch']}; "
+    cfg = doc['config']
+    lines = markdown_header(doc, f"Layout and compilation on the CPU: {cfg['variant']}") + [
+             f"Training step: the cpc-train step (`train_step`) of the preset, batch {cfg['train_batch']}; "
              f"inference: `forward_features` under inference_mode, batch {cfg['infer_batch']}. Speed-up over "
              f"`{cfg['modes'][0]}`: median over {cfg['rounds']} alternating rounds (min-max); CPU-time speed-up the "
              f"same with process CPU time.", '']

@@ -16,10 +16,11 @@ Parts, each timed for both sides in the same rounds (peer time / our time = our 
 * ``norm``: every normalization of one encoder step (the input shapes the matched encoder gives its norms, each
   as often as it occurs), forward and backward timed apart: ours (LayerNormAct2d) vs ``nn.LayerNorm`` + ReLU on
   the same tensor and gradient; GroupNorm(1, C) (timm's ``GroupNorm1Act``, our norm before) beside them.
-* ``encoder``: ``forward_patches`` + backward of the matched encoder on the same patches.
+* ``encoder``: ``forward_patches`` + backward of the matched encoder on the same patches; with two ablations of
+  ours beside it: without PatchConv2d (plain convolutions), and with LayerNormAct2d only (plain convolutions,
+  contiguous layout), so the table shows where the speed-up comes from.
 * ``step``: the full training step (encoder, objective, backward, Adam) on the same pre-normalized patches.
 """
-import json
 import os
 import sys
 import time
@@ -32,9 +33,8 @@ import torch
 import torch.nn as nn
 from timm.layers import GroupNorm1Act
 
-from benchmarks.common import alternate, cpu_model, spread
+from benchmarks.common import alternate, cpu_model, markdown_header, save_results, spread
 from cpc_models import config as C
-from cpc_models.atomic import write_text
 from cpc_models.encoder import LayerNormAct2d, PatchConv2d
 from cpc_models.objective import CPCObjective
 from cpc_models.runtime import channels_last_default
@@ -63,8 +63,8 @@ class PeerConfig:
     parts: List[str] = field(default_factory=lambda: list(PARTS))  # which of norm, encoder, step
     threads: List[int] = field(default_factory=lambda: [1, 2])  # torch threads; each count has its own rounds
     batch: int = 8  # images per step (bolts' CIFAR batch is larger; 8 keeps a round short on 2 cores)
-    rounds: int = 6  # rounds per part and thread count; the order of the sides alternates
-    reps: int = 3  # calls per side and round (their median is the round's time)
+    rounds: int = 5  # rounds per part and thread count; the order of the sides alternates
+    reps: int = 2  # calls per side and round (their median is the round's time)
     out: str = str(RESULTS)  # folder for <name>.json and <name>.md
     name: str = 'peer_cpu'  # file stem
 
@@ -97,8 +97,12 @@ def plain_convs(model: nn.Module) -> nn.Module:
     return model
 
 
+ABLATIONS = {'ours_plain_convs': 'ours without PatchConv2d', 'ours_norm_only': 'ours with LayerNormAct2d only'}
+
+
 def build_encoder(side: str, device: torch.device, seed: int = 0) -> nn.Module:
-    """The matched encoder: 'ours' (as cpc-models builds it) or 'peer' (bolts' norm, plain convs)."""
+    """The matched encoder: 'ours' (as cpc-models builds it), 'peer' (bolts' norm, plain convs, contiguous), or an
+    ablation of ours: 'ours_plain_convs' (plain convs), 'ours_norm_only' (plain convs, contiguous)."""
     torch.manual_seed(seed)
     kwargs = dict(num_classes=0, in_chans=MATCHED['in_chans'], patch_size=MATCHED['patch_size'],
                   patch_stride=MATCHED['patch_stride'], **MATCHED['encoder'])
@@ -109,7 +113,13 @@ def build_encoder(side: str, device: torch.device, seed: int = 0) -> nn.Module:
                                                 MATCHED['patch_size'], device=device))
         return encoder
     encoder = timm.create_model('cpcv2_resnet50', **kwargs).to(device)
-    return encoder.to(memory_format=torch.channels_last) if ours_channels_last(device) else encoder
+    if side != 'ours':
+        plain_convs(encoder)
+    return encoder.to(memory_format=torch.channels_last) if _channels_last(side, device) else encoder
+
+
+def _channels_last(side: str, device: torch.device) -> bool:
+    return side in ('ours', 'ours_plain_convs') and ours_channels_last(device)
 
 
 def ours_channels_last(device: torch.device) -> bool:
@@ -126,7 +136,7 @@ def patches(batch: int, device: torch.device, seed: int = 0) -> torch.Tensor:
 
 def _layout(x: torch.Tensor, side: str, device: torch.device) -> torch.Tensor:
     """Patches in the side's layout: as train_step lays them out (ours), contiguous (peer)."""
-    if side == 'ours' and ours_channels_last(device):
+    if _channels_last(side, device):
         flat = x.reshape(-1, *x.shape[3:]).contiguous(memory_format=torch.channels_last)
         return flat.view(*x.shape[:3], *flat.shape[1:])
     return x
@@ -253,27 +263,21 @@ def run(cfg: PeerConfig, command: str) -> Dict:
                              'GroupNorm(1, C) + ReLU')]
             else:
                 make = encoder_fn if part == 'encoder' else step_fn
-                fns = {'peer': make('peer', cfg.batch, device), 'ours': make('ours', cfg.batch, device)}
+                sides = ['peer', 'ours'] + (list(ABLATIONS) if part == 'encoder' else [])
+                fns = {side: make(side, cfg.batch, device) for side in sides}
                 for fn in fns.values():
                     fn()  # warm-up (allocator, oneDNN primitives)
                 times = alternate(fns, cfg.rounds, cfg.reps, device, log)
-                compared = [(part, 'peer', 'ours', 'bolts-like')]
+                compared = [(part, 'peer', 'ours', 'bolts-like')] + [
+                    (f'{part}_{side}', 'peer', side, 'bolts-like') for side in sides[2:]]
             for name, peer, ours, against in compared:
                 row = dict(part=name, threads=threads, against=against, **ratios(times, peer, ours))
                 if name in TARGETS:
                     row.update(target=TARGETS[name], passed=row['ratio']['median'] >= TARGETS[name])
                 doc['rows'].append(row)
                 log(f"  {name}: {row['ratio']['median']:.2f}x ({row['ratio']['min']:.2f}-{row['ratio']['max']:.2f})")
-            doc['elapsed_s'] = time.monotonic() - t0
-            doc['load_average_at_end'] = list(os.getloadavg())
-            save(doc, Path(cfg.out), cfg.name)
+            save_results(doc, Path(cfg.out), cfg.name, render_markdown, t0)
     return doc
-
-
-def save(doc: Dict, out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / f'{name}.json', json.dumps(doc, indent=2) + '\n')
-    write_text(out / f'{name}.md', render_markdown(doc))
 
 
 PART_TEXT = {
@@ -281,6 +285,8 @@ PART_TEXT = {
     'norm_forward': 'layer-norm forward, same tensors',
     'norm_backward_vs_groupnorm': 'layer-norm backward vs GroupNorm(1, C)',
     'encoder': 'encoder forward + backward',
+    'encoder_ours_plain_convs': 'encoder forward + backward, ours without PatchConv2d',
+    'encoder_ours_norm_only': 'encoder forward + backward, ours with LayerNormAct2d only (plain convs, NCHW)',
     'step': 'full training step (encoder, objective, Adam)',
 }
 
@@ -299,14 +305,10 @@ def results_table(doc: Dict) -> List[str]:
 
 
 def render_markdown(doc: Dict) -> str:
-    m, cfg = doc['machine'], doc['config']
-    la0, la1 = m['load_average_at_start'], doc.get('load_average_at_end') or [float('nan')] * 3
+    cfg = doc['config']
     enc, obj = doc['matched']['encoder'], doc['matched']['objective']
-    lines = ['# Matched configuration: ours vs a lightning-bolts-like CPC v2 (same process, alternating rounds)', '',
-             f"Command: `{doc['command']}` (elapsed {doc.get('elapsed_s', 0) / 60:.0f} min).", '',
-             f"Machine: {m['cpu']} ({m['logical_cores']} logical cores), torch {m['torch']}; load average (1/5/15 "
-             f"min) at start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, at end {la1[0]:.2f}/{la1[1]:.2f}/"
-             f"{la1[2]:.2f}.", '',
+    lines = markdown_header(doc, 'Matched configuration: ours vs a lightning-bolts-like CPC v2 (same process, '
+                                 'alternating rounds)') + [
              f"Matched config: batch {cfg['batch']}, {doc['matched']['image_size']} px RGB, "
              f"{doc['matched']['patch_size']} px patches at stride {doc['matched']['patch_stride']} (7x7 grid); "
              f"encoder stacks {list(enc['layers'])}, widths {list(enc['bottle_widths'])} -> {list(enc['channels'])}, "

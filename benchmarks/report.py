@@ -22,6 +22,7 @@ RESULTS = ROOT / 'benchmarks' / 'results'
 COMPARE = RESULTS / 'compare_a58a1bb_cpu.json'
 PEER = RESULTS / 'peer_cpu.json'
 LAYOUT = RESULTS / 'layout_cpu.json'
+RUN = RESULTS / 'cpu.json'
 
 
 def _load(path: Path) -> Dict:
@@ -51,6 +52,41 @@ def speed_summary() -> str:
     return '\n'.join(lines)
 
 
+def _fmt(ratio: Dict) -> str:
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
+
+
+def targets_table() -> str:
+    """The targets of the speed work, each with its same-run result; PASS/MISS as the result files say."""
+    cmp_doc, peer_doc = _load(COMPARE), _load(PEER)
+    lines = ['| target | torch threads | result: speed-up median (min-max) | CPU-time ratio | verdict |',
+             '|---|---:|---|---|---|']
+    for t in cmp_doc['timing']:
+        lines.append(f"| `fmnist_tiny` pretraining step >= {t['target']:g}x the images/s of "
+                     f"`{cmp_doc['config']['against']}` | {t['threads']} | {_fmt(t['ratio'])} | "
+                     f"{_fmt(t['cpu_ratio'])} | **{'PASS' if t['passed'] else 'MISS'}** |")
+    loss = cmp_doc.get('loss')
+    if loss:
+        lines.append(f"| the same loss curve over {loss['steps']} steps (relative tolerance {loss['rtol']:g}) | 1 | "
+                     f"largest relative difference {loss['max_rel_diff']:.1e} (the baseline vs itself with "
+                     f"`{' '.join(loss.get('reference_args', []))}`: {loss.get('reference_max_rel_diff', 0):.1e}) | "
+                     f"| **{'PASS' if loss['passed'] else 'MISS'}** |")
+    for r in peer_doc['rows']:
+        if 'target' in r:
+            lines.append(f"| {peer.PART_TEXT[r['part']]} >= {r['target']:g}x {r['against']} | {r['threads']} | "
+                         f"{_fmt(r['ratio'])} | {_fmt(r['cpu_ratio'])} | **{'PASS' if r['passed'] else 'MISS'}** |")
+    run = _load(RUN)
+    tiny = next((r for r in run['results'] if r['variant'] == 'cpcv2_resnet_tiny' and r['kind'] == 'train'
+                 and r['mode'] == 'cl' and r['threads'] == run['config']['threads']), None)
+    if tiny:
+        lines += ['', f"For scale: in `{run['command']}` ([cpu.md](../benchmarks/results/cpu.md), 1-min load "
+                      f"{tiny['load_before']:.1f}) the tiny training step (batch {tiny['batch']}, channels_last, "
+                      f"{tiny['threads']} thread) ran at {tiny['mfu']:.0%} of the fp32 matmul rate measured in the "
+                      f"same run (counting only its convolutions and matrix products): twice its speed would need "
+                      f"{2 * tiny['mfu']:.0%}."]
+    return '\n'.join(lines)
+
+
 def layout_table() -> str:
     """docs/benchmarks.md: the measurements behind runtime.py's CPU defaults."""
     doc = _load(LAYOUT)
@@ -59,8 +95,8 @@ def layout_table() -> str:
                       f"contiguous eager, median of alternating rounds):", '', *layout.results_table(doc)])
 
 
-BLOCKS: Dict[str, Callable[[], str]] = {'speed': speed_summary, 'layout': layout_table}
-FILES = {'README.md': ['speed'], 'docs/benchmarks.md': ['speed', 'layout']}
+BLOCKS: Dict[str, Callable[[], str]] = {'speed': speed_summary, 'targets': targets_table, 'layout': layout_table}
+FILES = {'README.md': ['speed'], 'docs/benchmarks.md': ['speed', 'targets', 'layout']}
 
 
 def render(text: str, names: List[str]) -> str:
