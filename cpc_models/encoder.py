@@ -65,7 +65,8 @@ class LayerNormAct2d(GroupNorm1Act):
     ``GroupNorm1Act``, computed by ``F.layer_norm`` over the trailing (C, H, W) dims with the per-channel affine
     expanded to (C, H, W): the CPU kernels of ``group_norm``'s backward are slow on the small maps of patch
     encoders (2x2, 1x1), ``layer_norm``'s are not. A channels_last input is normalized as its (N, H, W, C) view,
-    which is contiguous, so neither layout is copied.
+    which is contiguous, so neither layout is copied. Under autocast it runs in the input's dtype (bf16 in, bf16
+    out, statistics in fp32) instead of autocast's fp32 for layer_norm: no copies of the activations to fp32 and back.
 
     Shapes:
         x (N, C, H, W) -> (N, C, H, W), same memory format.
@@ -80,8 +81,17 @@ class LayerNormAct2d(GroupNorm1Act):
         weight, bias = self.weight, self.bias
         if weight is not None and bias is not None:
             weight, bias = weight.view(view).expand(shape), bias.view(view).expand(shape)
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast runs layer_norm in fp32: it would copy a bf16 x to fp32 and hand the next convolution an fp32
+            # tensor to copy back. The kernel accumulates its statistics in fp32 for bf16 input anyway.
+            with torch.autocast(x.device.type, enabled=False):
+                weight = weight.to(x.dtype) if weight is not None else None
+                bias = bias.to(x.dtype) if bias is not None else None
+                x = F.layer_norm(x, shape, weight, bias, self.eps)
+        else:
+            x = F.layer_norm(x, shape, weight, bias, self.eps)
         # the activation (often in place) acts on the normalized tensor itself, never on a permuted view of it
-        x = self.act(self.drop(F.layer_norm(x, shape, weight, bias, self.eps)))
+        x = self.act(self.drop(x))
         return x.permute(0, 3, 1, 2) if nhwc else x
 
 

@@ -383,6 +383,46 @@ def test_layer_norm_equals_groupnorm_forward_and_backward(shape, channels_last):
     assert ys[0].stride() == ys[1].stride()
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs CUDA'))])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_layer_norm_under_autocast_stays_in_bf16_without_copies(device, channels_last):
+    """Under bf16 autocast (the CUDA training default) the norm takes and returns bf16 in the input's layout, with
+    no full-size copy (dtype cast, contiguous, clone) of the activations, and still computes GroupNorm(1, C) + ReLU
+    within bf16 rounding; gradients reach the fp32 parameters. CUDA's autocast lists layer_norm as an fp32 op (the
+    copies LayerNormAct2d avoids); the CPU's does not, so on the CPU this checks the layout part only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullSizeCopies(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.found = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ('_to_copy', 'clone', 'copy_', 'contiguous') and isinstance(out, torch.Tensor) \
+                    and out.numel() == self.numel:
+                self.found.append(name)
+            return out
+
+    ours = _random_affine(LayerNormAct2d(16))
+    ref = GroupNorm1Act(16)
+    ref.load_state_dict(ours.state_dict())
+    ours, ref = ours.to(device), ref.to(device)
+    x = (torch.randn(6, 16, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1).bfloat16().to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16), FullSizeCopies(x.numel()) as mode:
+        y = ours(x)
+        y.backward(torch.ones_like(y))
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    assert mode.found == []
+    assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref(x.detach().float()), rtol=0.02, atol=0.05)
+
+
 def test_layer_norm_in_float64_is_groupnorm():
     ours = _random_affine(LayerNormAct2d(8, act_layer=torch.nn.Identity)).double()
     ref = torch.nn.GroupNorm(1, 8).double()
