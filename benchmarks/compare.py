@@ -4,7 +4,8 @@
     PYTHONPATH=. python -m benchmarks.compare --against self --base-args=--channels-last,off --loss-steps 0
 
 The baseline is checked out in a temporary git worktree (``--against self``: this tree again, e.g. to time one switch
-with ``--base-args``); "ours" is this working tree as it is. Both run their own ``cpc_models.train.main`` (what
+with ``--base-args``); "ours" is this working tree as it is (or, with ``--ours REV``, another revision: the two
+commits around one change time that change alone). Both run their own ``cpc_models.train.main`` (what
 ``cpc-train`` runs) on the same Fashion-MNIST IDX files, each run in a fresh process (benchmarks/compare_worker.py),
 which records when every optimizer step ends: a step's time is everything one cpc-train step of that tree costs
 (data, augmentation, forward, backward, optimizer, logging), whatever its internals, so revisions from before
@@ -48,6 +49,7 @@ class CompareConfig:
     """One comparison of this tree's cpc-train step with a baseline's."""
     # ---- trees ----
     against: str = 'a58a1bb'  # the baseline: a git revision (a temporary worktree), or 'self' (this tree)
+    ours: str = ''  # our side: '' = this working tree as it is, or a git revision (to time one past change)
     base_args: List[str] = field(default_factory=list)  # extra cpc-train options of the baseline (--base-args=--a,1)
     ours_args: List[str] = field(default_factory=list)  # extra cpc-train options of this tree
     # ---- the step ----
@@ -76,21 +78,24 @@ def _git(*args, cwd=ROOT) -> str:
 
 def describe_tree(root: Path, rev: Optional[str] = None) -> Dict:
     """The commit of a tree (and whether this working tree has uncommitted changes)."""
+    commit = _git('rev-parse', f'{rev or "HEAD"}^{{commit}}', cwd=root)
+    subject = _git('log', '-1', '--format=%s', commit, cwd=root)
     if rev is not None:
-        return dict(rev=rev, commit=_git('rev-parse', f'{rev}^{{commit}}', cwd=root), dirty=False)
-    return dict(rev='working tree', commit=_git('rev-parse', 'HEAD', cwd=root),
+        return dict(rev=rev, commit=commit, subject=subject, dirty=False)
+    return dict(rev='working tree', commit=commit, subject=subject,
                 dirty=bool(_git('status', '--porcelain', '--untracked-files=no', cwd=root)))
 
 
 @contextlib.contextmanager
-def baseline_tree(against: str) -> Iterator[Path]:
-    """The baseline's source tree: a temporary detached worktree of ``against`` (removed afterwards), or this one."""
-    if against == 'self':
+def source_tree(rev: str) -> Iterator[Path]:
+    """A side's source tree: a temporary detached worktree of ``rev`` (removed afterwards), or this one ('self' or
+    '')."""
+    if rev in ('self', ''):
         yield ROOT
         return
     tmp = Path(tempfile.mkdtemp(prefix='cpc-compare-'))
-    tree = tmp / 'baseline'
-    _git('worktree', 'add', '--detach', str(tree), against)
+    tree = tmp / 'tree'
+    _git('worktree', 'add', '--detach', str(tree), rev)
     try:
         yield tree
     finally:
@@ -143,7 +148,8 @@ class Comparison:
         self.doc = dict(schema=SCHEMA, command=command, config=C.to_dict(cfg), batch=batch,
                         machine=dict(cpu=cpu_model(), logical_cores=os.cpu_count(), python=sys.version.split()[0],
                                      load_average_at_start=list(os.getloadavg())),
-                        ours=describe_tree(ROOT), base=None, data=None, timing=[], loss=None)
+                        ours=describe_tree(ROOT, cfg.ours) if cfg.ours else describe_tree(ROOT), base=None,
+                        data=None, timing=[], loss=None)
 
     def log(self, msg: str) -> None:
         print(f'[{time.monotonic() - self.t0:6.0f}s] {msg}', flush=True)
@@ -158,12 +164,14 @@ class Comparison:
 
     def run(self) -> Dict:
         cfg = self.cfg
-        with tempfile.TemporaryDirectory(prefix='cpc-compare-runs-') as tmp, baseline_tree(cfg.against) as base:
+        with tempfile.TemporaryDirectory(prefix='cpc-compare-runs-') as tmp, source_tree(cfg.against) as base, \
+                source_tree(cfg.ours) as ours:
             tmp = Path(tmp)
             self.doc['base'] = dict(describe_tree(ROOT) if cfg.against == 'self' else describe_tree(ROOT, cfg.against),
                                     tree=str(base))
             data_dir = self.data(tmp)
-            sides = {'base': (base, cfg.base_args), 'ours': (ROOT, cfg.ours_args)}
+            self.doc['ours']['tree'] = str(ours)
+            sides = {'base': (base, cfg.base_args), 'ours': (ours, cfg.ours_args)}
             for threads in cfg.threads:
                 self.timing(sides, threads, data_dir, tmp)
             if cfg.loss_steps:
@@ -211,7 +219,7 @@ class Comparison:
     def loss_curves(self, sides, data_dir: Path, tmp: Path) -> None:
         cfg = self.cfg
         curves = {}
-        runs = [('base', sides['base'][0], sides['base'][1]), ('ours', ROOT, sides['ours'][1])]
+        runs = [('base', *sides['base']), ('ours', *sides['ours'])]
         if cfg.reference_args:
             runs.append(('base_reference', sides['base'][0], [*sides['base'][1], *cfg.reference_args]))
         for name, tree, extra in runs:
@@ -289,7 +297,8 @@ def loss_line(doc: Dict) -> str:
 
 def render_markdown(doc: Dict) -> str:
     cfg = doc['config']
-    lines = markdown_header(doc, f"cpc-train step: this tree vs `{cfg['against']}`") + [
+    ours = f"`{cfg['ours']}`" if cfg.get('ours') else 'this tree'
+    lines = markdown_header(doc, f"cpc-train step: {ours} vs `{cfg['against']}`") + [
              f"Baseline: {_side(doc['base'] or dict(rev=cfg['against'], commit='?'), cfg['base_args'])}; "
              f"ours: {_side(doc['ours'], cfg['ours_args'])}. Preset `{cfg['preset']}` (batch {doc['batch']}) on "
              f"{cfg['device']}, data: {(doc.get('data') or {}).get('kind', '?')}.", '',
