@@ -77,7 +77,7 @@ def targets_table() -> str:
                          f"{_fmt(r['ratio'])} | {_fmt(r['cpu_ratio'])} | **{'PASS' if r['passed'] else 'MISS'}** |")
     run = _load(RUN)
     tiny = next((r for r in run['results'] if r['variant'] == 'cpcv2_resnet_tiny' and r['kind'] == 'train'
-                 and r['mode'] == 'cl' and r['threads'] == run['config']['threads']), None)
+                 and r['mode'] == 'cl' and r['threads'] == run['settings'].get('threads', 1)), None)
     if tiny:
         lines += ['', f"For scale: in `{run['command']}` ([cpu.md](../benchmarks/results/cpu.md), 1-min load "
                       f"{tiny['load_before']:.1f}) the tiny training step (batch {tiny['batch']}, channels_last, "
@@ -102,12 +102,12 @@ FILES = {'README.md': ['speed'], 'docs/benchmarks.md': ['speed', 'targets', 'lay
 def render(text: str, names: List[str]) -> str:
     """``text`` with each named generated block replaced by its current rendering."""
     for name in names:
-        pattern = re.compile(rf'(<!-- BEGIN generated: {name} -->\n).*?(\n<!-- END generated: {name} -->)', re.S)
+        pattern = re.compile(rf'(<!-- BEGIN generated: {name} -->\n)(?:.*?\n)?(<!-- END generated: {name} -->)', re.S)
         if not pattern.search(text):
             raise ValueError(f'no generated block "{name}" (<!-- BEGIN generated: {name} --> ... <!-- END '
                              f'generated: {name} -->)')
         body = BLOCKS[name]()
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + body + '\n' + m.group(2), text)
     return text
 
 
