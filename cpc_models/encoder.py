@@ -81,18 +81,25 @@ class LayerNormAct2d(GroupNorm1Act):
         weight, bias = self.weight, self.bias
         if weight is not None and bias is not None:
             weight, bias = weight.view(view).expand(shape), bias.view(view).expand(shape)
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.jit.is_scripting():  # TorchScript has no per-device autocast state to ask
+            x = F.layer_norm(x, shape, weight, bias, self.eps)
+        else:
+            x = self._layer_norm(x, shape, weight, bias)
+        # the activation (often in place) acts on the normalized tensor itself, never on a permuted view of it
+        x = self.act(self.drop(x))
+        return x.permute(0, 3, 1, 2) if nhwc else x
+
+    @torch.jit.unused
+    def _layer_norm(self, x: torch.Tensor, shape: List[int], weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.device.type != 'meta' and torch.is_autocast_enabled(x.device.type):  # meta has no autocast state
             # autocast runs layer_norm in fp32: it would copy a bf16 x to fp32 and hand the next convolution an fp32
             # tensor to copy back. The kernel accumulates its statistics in fp32 for bf16 input anyway.
             with torch.autocast(x.device.type, enabled=False):
                 weight = weight.to(x.dtype) if weight is not None else None
                 bias = bias.to(x.dtype) if bias is not None else None
-                x = F.layer_norm(x, shape, weight, bias, self.eps)
-        else:
-            x = F.layer_norm(x, shape, weight, bias, self.eps)
-        # the activation (often in place) acts on the normalized tensor itself, never on a permuted view of it
-        x = self.act(self.drop(x))
-        return x.permute(0, 3, 1, 2) if nhwc else x
+                return F.layer_norm(x, shape, weight, bias, self.eps)
+        return F.layer_norm(x, shape, weight, bias, self.eps)
 
 
 @register_notrace_module  # one branch on the map size: a leaf for timm's FX feature extraction
