@@ -55,7 +55,7 @@ def build(name: str, dtype=torch.float32):
 def test_registry_is_covered():
     assert set(NAMES) >= {'cpcv2_resnet161', 'cpcv2_resnet50', 'cpcv1_resnet101', 'cpcv2_resnet_small',
                           'cpcv2_resnet_tiny'}
-    assert set(SMALL) == {'cpcv2_resnet_small', 'cpcv2_resnet_tiny'}
+    assert set(SMALL) == {'cpcv2_resnet_small', 'cpcv2_resnet_tiny', 'cpcv2_resnet_tiny_wide'}
 
 
 @pytest.mark.parametrize('name', VARIANTS)
