@@ -4,7 +4,8 @@ PatchAugment (cpc_models/augment.py) augments a whole batch of patches on tensor
 public CPC v2 reimplementation (rschwarz15/CPCV2-PyTorch): each patch converted to PIL, augmented with PIL ops one patch at a time (here
 torchvision's RandomHorizontalFlip, timm's RandAugment 'rand-n2-m9-inc1', torchvision's ColorJitter
 with p=0.8 and RandomGrayscale p=0.25), then converted back and stacked. The baseline has no elastic deformation
-or jitter, so it does less work than PatchAugment's default config.
+or jitter, so it does less work than PatchAugment's default config. PatchAugment runs twice: the CPU default
+(each op on its own patches) and `masked=True` (every op on every patch, kept by torch.where; the default off the CPU).
 
 Usage (from the repository root): OMP_NUM_THREADS=1 python -m benchmarks.augment_throughput [--threads 1] [--min-run-time 3]
 Writes augment_cpu.json and .md into a new runs/benchmarks/augment-<UTC time>/ folder, or into benchmarks/results/
@@ -78,7 +79,9 @@ def main(argv=None):
         n = b * r
         x = torch.rand(n, c, p, p, generator=torch.Generator().manual_seed(0))
         aug, gen, pil = PatchAugment(cfg), torch.Generator().manual_seed(0), pil_baseline(c)
+        masked = PatchAugment(cfg, masked=True)  # the way of non-CPU devices: no host sync, more arithmetic
         for label, fn in (('PatchAugment (batched tensors)', lambda aug=aug, x=x, gen=gen: aug(x, gen)),
+                          ('PatchAugment, masked (the CUDA default)', lambda a=masked, x=x, gen=gen: a(x, gen)),
                           ('per-patch PIL (timm RandAugment + torchvision)', lambda pil=pil, x=x: pil(x))):
             fn()  # warm-up
             m = benchmark.Timer(stmt='fn()', globals=dict(fn=fn), num_threads=args.threads,

@@ -2,7 +2,8 @@
 
 1. encoder: a Python loop over patches (one trunk call per patch) vs one batched trunk call (forward_patches);
 2. augmentation: per-patch PIL (benchmarks/augment_throughput.py's pipeline, always on the CPU) vs
-   PatchAugment on batched tensors (on the benchmark device);
+   PatchAugment on batched tensors (on the benchmark device; off the CPU also its indexed way, beside the
+   masked default);
 3. negatives: 16 sampled negatives per anchor gathered one anchor at a time (as public CPC v2 reimplementations
    score them) vs one logits matmul against every target of the batch (CPCObjective), plus the same 16 sampled
    negatives in one batched gather; each is the loss's forward + backward on the same predictions and targets.
@@ -60,8 +61,13 @@ def augmentation(images: int, patches: int, chans: int, p: int, cfg: PatchAugmen
     aug, gen = PatchAugment(cfg), torch.Generator(device=ctx.device).manual_seed(0)
     pil = pil_baseline(chans)
     rows = []
-    for method, fn, naive in ((f'PatchAugment, batched tensors on {ctx.device.type}', lambda: aug(xd, gen), False),
-                              ('per-patch PIL on the CPU (timm RandAugment + torchvision)', lambda: pil(x), True)):
+    methods = [(f'PatchAugment, batched tensors on {ctx.device.type}', lambda: aug(xd, gen), False)]
+    if ctx.device.type != 'cpu':  # the device default is masked (no host sync); the indexed way beside it
+        indexed = PatchAugment(cfg, masked=False)
+        methods.append((f'PatchAugment indexed (one sync per op group) on {ctx.device.type}',
+                        lambda: indexed(xd, gen), True))
+    methods.append(('per-patch PIL on the CPU (timm RandAugment + torchvision)', lambda: pil(x), True))
+    for method, fn, naive in methods:
         m = measure(fn, ctx.device, ctx.threads, ctx.min_run_time, ctx.repeats, label=case)
         rows.append(_row('augmentation: batched tensors vs per-patch PIL', case, method, n, 'patches', m, naive))
     return rows

@@ -23,7 +23,7 @@ from cpc_models.train import (
     build_model,
     build_optimizer,
     build_step_setup,
-    compile_trunk,
+    compile_model,
     lr_at,
     preset_config,
     train_step,
@@ -105,14 +105,14 @@ def build_setup(variant: str, device: torch.device, batch: int, grid: Optional[i
 
 
 def apply_mode(s: Setup, flags: frozenset) -> None:
-    """Switch gradient checkpointing and memory format (reversible) and compile the trunk (one-way: compiled rows
-    run last on a setup) as cpc-train does for the same config values."""
+    """Switch gradient checkpointing and memory format (reversible) and compile the trunk and the objective
+    (one-way: compiled rows run last on a setup) as cpc-train does for the same config values."""
     s.cfg = train_config(s.variant, s.geo['rows'], s.geo['cols'], flags)
     s.encoder.set_grad_checkpointing(s.cfg.grad_checkpointing)
     s.model.to(memory_format=torch.channels_last if s.cfg.channels_last else torch.contiguous_format)
     if s.cfg.compile and not s.compiled:
         torch._dynamo.reset()
-        compile_trunk(s.encoder)
+        compile_model(s.model)
         s.compiled = True
 
 

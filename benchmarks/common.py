@@ -6,16 +6,21 @@ Timing is torch.utils.benchmark (median over runs; CUDA is synchronized by its t
 possible, ``resource.getrusage`` ru_maxrss, which never goes down and is then marked ``peak_mem_resettable=False``).
 """
 import gc
+import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils import benchmark
+
+from cpc_models.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parent / 'results'  # the committed tables (README.md, docs/benchmarks.md quote them)
 RUNS = Path(__file__).resolve().parent.parent / 'runs' / 'benchmarks'  # fresh output folders (git-ignored)
@@ -143,3 +148,54 @@ def measure(fn: Callable[[], object], device: torch.device, threads: int, min_ru
         median_s=m.median, iqr_s=m.iqr, mean_s=m.mean, runs=len(m.times) * m.number_per_run,
         first_call_s=first_call_s, peak_mem_mb=memory_peak_mb(device), mem_before_mb=mem_before,
         peak_mem_resettable=resettable, load_before=load_before, load_after=os.getloadavg()[0])
+
+
+def spread(values: Sequence[float]) -> Dict[str, float]:
+    """Median, min, max and quartiles of a few measurements (e.g. the per-round ratios of alternating rounds)."""
+    q1, q2, q3 = (float(v) for v in np.percentile(list(values), [25, 50, 75]))
+    return dict(median=q2, min=float(min(values)), max=float(max(values)), q1=q1, q3=q3, n=len(values))
+
+
+def alternate(fns: Dict[str, Callable[[], object]], rounds: int, reps: int, device: torch.device,
+              log: Optional[Callable[[str], None]] = None) -> Dict[str, List[Dict]]:
+    """Time every function in ``rounds`` rounds, the order reversed every other round; per round and function the
+    median wall and process-CPU seconds of ``reps`` calls, and the 1-min load before the round."""
+    out: Dict[str, List[Dict]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        load = os.getloadavg()[0]
+        for name in (names if r % 2 == 0 else names[::-1]):
+            wall, cpu = [], []
+            for _ in range(reps):
+                sync(device)
+                t, c = time.perf_counter(), time.process_time()
+                fns[name]()
+                sync(device)
+                wall.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+            out[name].append(dict(wall_s=statistics.median(wall), cpu_s=statistics.median(cpu), load_before=load))
+        if log:
+            log(f'  round {r + 1}/{rounds}: ' + ', '.join(f'{n} {out[n][-1]["wall_s"] * 1e3:.1f} ms' for n in names)
+                + f' (load {load:.1f})')
+    return out
+
+
+def save_results(doc: Dict, out: Path, name: str, render: Callable[[Dict], str], t0: float) -> None:
+    """Stamp the elapsed time (since ``t0``, time.monotonic) and the load average at the end on ``doc``, and write
+    ``<out>/<name>.json`` and the Markdown ``render(doc)`` as ``<name>.md``."""
+    doc['elapsed_s'] = time.monotonic() - t0
+    doc['load_average_at_end'] = list(os.getloadavg())
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f'{name}.json', json.dumps(doc, indent=2, default=str) + '\n')
+    write_text(out / f'{name}.md', render(doc))
+
+
+def markdown_header(doc: Dict, title: str) -> List[str]:
+    """Title, command with its elapsed time, machine and the load average at start and end."""
+    m = doc['machine']
+    la0, la1 = m['load_average_at_start'], doc.get('load_average_at_end') or [float('nan')] * 3
+    versions = ', '.join(f'{k} {m[k]}' for k in ('torch', 'python') if k in m)
+    return [f'# {title}', '', f"Command: `{doc['command']}` (elapsed {doc.get('elapsed_s', 0) / 60:.0f} min).", '',
+            f"Machine: {m['cpu']} ({m['logical_cores']} logical cores){', ' + versions if versions else ''}; load "
+            f"average (1/5/15 min) at start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, at end {la1[0]:.2f}/"
+            f"{la1[1]:.2f}/{la1[2]:.2f}.", '']

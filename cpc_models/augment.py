@@ -175,6 +175,16 @@ def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> t
     return torch.lerp(degenerate, x, factor.to(x.dtype).view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's autocontrast of float images in [0, 1], same arithmetic, with torch.where where torchvision
+    assigns through a boolean mask (a host sync on CUDA)."""
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    scale = torch.where(flat, torch.ones_like(hi), hi - lo)
+    return (x - torch.where(flat, torch.zeros_like(lo), lo)).div_(scale).clamp_(0, 1)
+
+
 # RGB <-> YIQ (NTSC); hue rotation = rotating the (I, Q) plane.
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
                         dtype=torch.float64)
@@ -186,16 +196,36 @@ class PatchAugment(nn.Module):
     ``PatchAugment(cfg)(patches (N, C, P, P) float in [0, 1], generator) -> (N, C, P, P) float in [0, 1]``;
     C is 1 or 3, every patch gets its own random parameters, `generator` (optional) must be on the patches'
     device. Same generator state -> same output (on one device). No learnable state.
+
+    ``masked``: how a random subset of patches gets an op. True: every op runs on every patch and ``torch.where``
+    keeps it where drawn, so no step waits for the device (no ``nonzero``, ``.item()`` or data-dependent shape).
+    False: each op runs only on its own patches (``index_select`` / ``index_copy_``), less arithmetic but one host
+    sync per op group. None (default): False on the CPU (a sync costs nothing there), True on other devices.
+    Both give the same pixels for the same draws; the draws differ only with elastic deformations: the masked way
+    draws a displacement field for every patch, the indexed way only for the patches that are deformed.
     """
 
-    def __init__(self, cfg: PatchAugmentConfig | None = None):
+    def __init__(self, cfg: PatchAugmentConfig | None = None, *, masked: bool | None = None):
         super().__init__()
+        self.masked = masked
         self.cfg = cfg if cfg is not None else PatchAugmentConfig()
         if not isinstance(self.cfg, PatchAugmentConfig):
             raise TypeError(f'cfg must be a PatchAugmentConfig, got {type(self.cfg).__name__}.')
         ops = self.cfg.auto_augment_ops if self.cfg.auto_augment else ()
         self._ops = tuple(ops)
         self._tables = {n: _level_table(n, self.cfg.magnitude_max) for n in set(ops)}
+        self._on_device: dict = {}  # constants copied to a device once, not per call
+
+    def _const(self, key, make, device, dtype=None) -> torch.Tensor:
+        """A constant (built on the CPU by ``make()``) on ``device`` / ``dtype``, cached."""
+        k = (key, str(device), dtype)
+        if k not in self._on_device:
+            t = make()
+            self._on_device[k] = t.to(device=device, dtype=dtype or t.dtype)
+        return self._on_device[k]
+
+    def _masked(self, x: torch.Tensor) -> bool:
+        return self.masked if self.masked is not None else x.device.type != 'cpu'
 
     def extra_repr(self) -> str:
         return repr(self.cfg)
@@ -228,7 +258,7 @@ class PatchAugment(nn.Module):
         return m.clamp(0, cfg.magnitude_max)
 
     def _level(self, name: str, mag: torch.Tensor) -> torch.Tensor:
-        table = self._tables[name].to(device=mag.device)
+        table = self._const(name, lambda: self._tables[name], mag.device)
         idx = (mag / self.cfg.magnitude_max * (_TABLE_SIZE - 1)).round().long().clamp_(0, _TABLE_SIZE - 1)
         return table[idx]
 
@@ -257,11 +287,15 @@ class PatchAugment(nn.Module):
         x = self._warp(x, slots, rand)
 
         # ---- 2. AutoAugment colour primitives, slot by slot (groups of patches sharing an op)
-        if slots and x is patches:
+        masked = self._masked(x)
+        if slots and x is patches and not masked:
             x = x.clone()
         for op, on, mag, neg in slots:
             for k, name in enumerate(self._ops):
                 if name in GEOMETRIC_OPS:
+                    continue
+                if masked:
+                    x = torch.where((on & (op == k)).view(n, 1, 1, 1), self._color_op(name, x, mag, neg), x)
                     continue
                 idx = torch.nonzero(on & (op == k)).squeeze(1)
                 if idx.numel() == 0:
@@ -327,6 +361,17 @@ class PatchAugment(nn.Module):
         if cfg.elastic > 0 and cfg.elastic_alpha > 0:
             el = rand((n,)) < cfg.elastic
             warp |= el
+        if self._masked(x):  # every patch is resampled; the unwarped ones keep their own pixels
+            theta = torch.cat([a, (t * (2.0 / p)).unsqueeze(-1)], dim=2)
+            grid = nnf.affine_grid(theta, [n, c, p, p], align_corners=False)
+            if el is not None:  # a field for every patch (the draws of the indexed path differ here)
+                field = self._elastic_field(n, p, rand, dt).permute(0, 2, 3, 1)
+                grid = grid + field * el.to(dt).view(n, 1, 1, 1)
+            out = nnf.grid_sample(x, grid, mode=cfg.interpolation, padding_mode=cfg.padding_mode,
+                                  align_corners=False)
+            if cfg.interpolation == 'bicubic':
+                out = out.clamp_(0, 1)
+            return torch.where(warp.view(n, 1, 1, 1), out, x)
         idx = torch.nonzero(warp).squeeze(1)
         if idx.numel() == 0:
             return x
@@ -363,7 +408,7 @@ class PatchAugment(nn.Module):
     def _color_op(self, name: str, x: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """One timm AutoAugment colour primitive on a group of patches (n, C, P, P) with per-patch magnitudes."""
         if name == 'AutoContrast':
-            return TF.autocontrast(x)
+            return _autocontrast(x)
         if name == 'Equalize':
             return TF.equalize(x)
         if name == 'Invert':
@@ -409,7 +454,8 @@ class PatchAugment(nn.Module):
         dev, dt = x.device, torch.float32 if x.dtype != torch.float64 else x.dtype
         on = (rand((n,)) < cfg.color_jitter_prob).view(n, 1, 1, 1)
         b, ct, s, h = cfg.color_jitter
-        w = torch.tensor([0.2989, 0.587, 0.114] if c == 3 else [1.0], device=dev, dtype=dt)  # grey weights
+        w = self._const(f'grey{c}', lambda: torch.tensor([0.2989, 0.587, 0.114] if c == 3 else [1.0],
+                                                          dtype=torch.float64), dev, dt)  # exact in float64 patches
         m = torch.eye(c, device=dev, dtype=dt).expand(n, c, c).clone()
         o = torch.zeros(n, c, device=dev, dtype=dt)
 
@@ -432,8 +478,10 @@ class PatchAugment(nn.Module):
             rot = torch.zeros(n, 3, 3, device=dev, dtype=dt)
             rot[:, 0, 0] = 1
             rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = ang.cos(), -ang.sin(), ang.sin(), ang.cos()
-            yiq = _RGB2YIQ.to(device=dev, dtype=dt)
-            hue = torch.linalg.inv(yiq) @ rot @ yiq
+            yiq = self._const('yiq', lambda: _RGB2YIQ, dev, dt)
+            # the inverse on the CPU, in dt as before (linalg.inv on CUDA checks for singularity: a host sync)
+            yiq_inv = self._const('yiq_inv', lambda: torch.linalg.inv(_RGB2YIQ.to(dt)), dev, dt)
+            hue = yiq_inv @ rot @ yiq
             m, o = hue @ m, (hue @ o.unsqueeze(-1)).squeeze(-1)
         m, o = m.to(x.dtype), o.to(x.dtype)
         y = torch.baddbmm(o.unsqueeze(-1), m, x.flatten(2)).view_as(x).clamp_(0, 1)

@@ -1,7 +1,8 @@
 """Typed configs: nested dataclasses, and the one command-line override parser of cpc-train, cpc-eval, benchmarks.
 
 A config is a dataclass with typed fields: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]`` (a choice),
-``Optional[...]``, ``List``/``Tuple`` of those, ``Dict`` (free-form keyword groups such as timm's ``model_args``),
+``Optional[...]``, ``Union[...]`` of those (the first type that reads the value wins, e.g. ``Union[bool,
+Literal['auto']]``), ``List``/``Tuple`` of those, ``Dict`` (free-form keyword groups such as timm's ``model_args``),
 or another dataclass (a group, e.g. ``TrainConfig.objective``). Every leaf is an option, written one way::
 
     --lr 1e-3   --lr=1e-3   --lr -1e-3   --batch-size 8   --objective.offsets 2,3   --objective.offsets [2,3]
@@ -133,7 +134,7 @@ def _type_name(tp) -> str:
     if origin is Literal:
         return '{' + ','.join(map(str, args)) + '}'
     if origin is Union:
-        return '|'.join(_type_name(a) for a in args if a is not type(None)) + '|none'
+        return '|'.join(_type_name(a) for a in args if a is not type(None)) + ('|none' if type(None) in args else '')
     if origin in (list, tuple, List, Tuple):
         return 'LIST'
     if origin in (dict, Dict) or tp in (dict, Dict):
@@ -204,9 +205,15 @@ def _coerce(value, tp, key: str):
 def _parse_scalar(text: str, tp, key: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
-        if text.lower() in ('none', 'null'):
+        if text.lower() in ('none', 'null') and type(None) in args:
             return None
-        return _parse_scalar(text, next(a for a in args if a is not type(None)), key)
+        choices = [a for a in args if a is not type(None)]
+        for a in choices[:-1]:  # the first type that reads the text, e.g. Union[bool, Literal['auto']]
+            try:
+                return _coerce(_parse_scalar(text, a, key), a, key)
+            except ConfigError:
+                pass
+        return _parse_scalar(text, choices[-1], key)
     if tp is bool:
         if text.lower() in _TRUE:
             return True
@@ -456,7 +463,7 @@ def parse_args(base: T, argv: Optional[Sequence[str]], prog: str, description: s
                     continue
                 raise _unknown(key, base)
             if text is None:
-                if target.type is not bool:
+                if bool not in (target.type, *typing.get_args(target.type)):
                     raise ConfigError(f'--{key} expects a value ({_type_name(target.type)})')
                 text = 'true'
             changes[key] = parse_value(text, target.type, key)

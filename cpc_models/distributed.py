@@ -68,6 +68,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad.chunk(dist.get_world_size(), 0)[dist.get_rank()]
 
 
+@torch.compiler.disable  # under torch.compile: the collective runs eagerly, between two graphs
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather ``x`` (N, ...) from every rank into (world_size * N, ...), ordered by rank.
 

@@ -6,7 +6,8 @@ Hénaff et al., *Data-Efficient Image Recognition with Contrastive Predictive Co
 * ResNet-161: the first three stacks of ResNet-v2-101 with the third stack converted to 46 blocks,
   4096-channel outputs and 512-wide bottlenecks (305M parameters); no fourth stack.
 * Batch norm replaced by layer norm: each sample is normalized over (C, H, W) with per-channel affine
-  parameters, i.e. GroupNorm with one group (timm's ``GroupNorm1Act``).
+  parameters, i.e. GroupNorm with one group; :class:`LayerNormAct2d` computes it with ``F.layer_norm``
+  (faster than ``F.group_norm``, same ``weight``/``bias`` keys as timm's ``GroupNorm1Act``).
 * Every patch of the image grid is encoded on its own and mean-pooled to one vector, giving the latent
   grid z (B, C, rows, cols) the context network predicts over.
 
@@ -30,15 +31,23 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, create_conv2d, get_norm_act_layer
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    GroupNorm1Act,
+    create_conv2d,
+    get_norm_act_layer,
+    register_notrace_module,
+)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ._weights import pretrained_errors
 from .patches import check_images, grid_size, is_symbolic_tracing, patchify
 
-__all__ = ['CPCResNetV2', 'PreActBottleneck', 'WEIGHTS_DIR']
+__all__ = ['CPCResNetV2', 'LayerNormAct2d', 'PatchConv2d', 'PreActBottleneck', 'WEIGHTS_DIR']
 
 # Published checkpoints (<arch>.<tag>/model.safetensors) found locally are used before the Hub: $CPC_MODELS_WEIGHTS_DIR,
 # else the copies a wheel carries (cpc_models/weights/, see setup.py), else weights/ beside the package (a checkout).
@@ -48,9 +57,86 @@ WEIGHTS_DIR = Path(os.environ.get('CPC_MODELS_WEIGHTS_DIR') or next(
 HF_ORG = 'cpc-models'
 
 
+@register_notrace_module  # one branch on the memory format: a leaf for timm's FX feature extraction
+class LayerNormAct2d(GroupNorm1Act):
+    """CPC v2's layer norm + activation: each sample normalized over (C, H, W), per-channel affine, then the act.
+
+    The function (and the ``weight``/``bias`` parameters of shape (C,)) of ``GroupNorm(1, C)`` / timm's
+    ``GroupNorm1Act``, computed by ``F.layer_norm`` over the trailing (C, H, W) dims with the per-channel affine
+    expanded to (C, H, W): the CPU kernels of ``group_norm``'s backward are slow on the small maps of patch
+    encoders (2x2, 1x1), ``layer_norm``'s are not. A channels_last input is normalized as its (N, H, W, C) view,
+    which is contiguous, so neither layout is copied. Under autocast it runs in the input's dtype (bf16 in, bf16
+    out, statistics in fp32) instead of autocast's fp32 for layer_norm: no copies of the activations to fp32 and back.
+
+    Shapes:
+        x (N, C, H, W) -> (N, C, H, W), same memory format.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nhwc = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if nhwc:
+            x = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous: channels are the last normalized dim
+        shape = list(x.shape[1:])
+        view = [-1] if nhwc else [-1] + [1] * (x.ndim - 2)  # the per-channel affine, broadcast over H, W
+        weight, bias = self.weight, self.bias
+        if weight is not None and bias is not None:
+            weight, bias = weight.view(view).expand(shape), bias.view(view).expand(shape)
+        if torch.jit.is_scripting():  # TorchScript has no per-device autocast state to ask
+            x = F.layer_norm(x, shape, weight, bias, self.eps)
+        else:
+            x = self._layer_norm(x, shape, weight, bias)
+        # the activation (often in place) acts on the normalized tensor itself, never on a permuted view of it
+        x = self.act(self.drop(x))
+        return x.permute(0, 3, 1, 2) if nhwc else x
+
+    @torch.jit.unused
+    def _layer_norm(self, x: torch.Tensor, shape: List[int], weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.device.type != 'meta' and torch.is_autocast_enabled(x.device.type):  # meta has no autocast state
+            # autocast runs layer_norm in fp32: it would copy a bf16 x to fp32 and hand the next convolution an fp32
+            # tensor to copy back. The kernel accumulates its statistics in fp32 for bf16 input anyway.
+            with torch.autocast(x.device.type, enabled=False):
+                weight = weight.to(x.dtype) if weight is not None else None
+                bias = bias.to(x.dtype) if bias is not None else None
+                return F.layer_norm(x, shape, weight, bias, self.eps)
+        return F.layer_norm(x, shape, weight, bias, self.eps)
+
+
+@register_notrace_module  # one branch on the map size: a leaf for timm's FX feature extraction
+class PatchConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that computes a zero-padded, centred convolution of a 1x1 map as the matrix product it is.
+
+    Small patches shrink to 1x1 maps in the deep stacks (8 px patches after the 7x7/2 stem and max-pool). There
+    every output sees only the kernel's centre tap (the others fall on the zero padding, whatever the stride), so
+    the convolution is a linear layer with the centre weights; oneDNN computes all k x k taps. Same parameters and
+    state-dict keys as the ``nn.Conv2d`` it replaces (:meth:`convert`); every other input goes through the conv.
+    """
+    centre_only: torch.jit.Final[bool]
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Turn every plain ``nn.Conv2d`` in ``module`` into a PatchConv2d in place (parameters and RNG untouched)."""
+        for m in module.modules():
+            if type(m) is nn.Conv2d:
+                m.__class__ = cls
+                m.centre_only = (
+                    m.groups == 1 and m.padding_mode == 'zeros' and m.dilation == (1, 1)
+                    and not isinstance(m.padding, str) and all(k % 2 == 1 for k in m.kernel_size)
+                    and tuple(m.padding) == tuple(k // 2 for k in m.kernel_size))
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.centre_only and x.ndim == 4 and x.shape[2] == 1 and x.shape[3] == 1:
+            centre = self.weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2]
+            return F.linear(x.flatten(1), centre, self.bias).view(x.shape[0], -1, 1, 1)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
 def _norm_act(norm_layer: Union[str, Callable], act_layer, eps: float) -> Callable:
-    """'layernorm' -> GroupNorm(1, C) + act (CPC v2), 'batchnorm' -> BatchNorm2d + act (CPC v1)."""
-    name = {'layernorm': 'groupnorm1', 'batchnorm': 'batchnorm2d'}.get(norm_layer, norm_layer)
+    """'layernorm' -> LayerNormAct2d (GroupNorm(1, C) + act, CPC v2), 'batchnorm' -> BatchNorm2d + act (CPC v1)."""
+    if norm_layer == 'layernorm':
+        return partial(LayerNormAct2d, act_layer=act_layer, eps=eps)
+    name = {'batchnorm': 'batchnorm2d'}.get(norm_layer, norm_layer)
     return partial(get_norm_act_layer(name, act_layer), eps=eps)
 
 
@@ -215,6 +301,7 @@ class CPCResNetV2(nn.Module):
         self.num_features = self.head_hidden_size = prev_chs
         self.norm = norm_act(prev_chs, **dd)
         self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        PatchConv2d.convert(self)
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool) -> None:

@@ -21,11 +21,12 @@ Output (safetensors, written to a temporary file and renamed):
   ``safetensors.safe_open(path, 'pt').metadata()`` (see :func:`read_features`).
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import safetensors
 import safetensors.torch
@@ -41,6 +42,7 @@ from .checks import check_device, check_model_name, check_out_file, one_line
 from .checks import create_model as checked_create_model
 from .config import ConfigError
 from .images import ImageFiles, collate_readable, find_images
+from .runtime import Switch, channels_last_default, compile_default, compiled_method, resolve
 
 __all__ = ['extract_features', 'extract_files', 'normalize', 'read_features', 'main']
 
@@ -56,30 +58,62 @@ def _mean_std(model: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(cfg['mean']).view(1, -1, 1, 1), torch.tensor(cfg['std']).view(1, -1, 1, 1)
 
 
+def _layout(model: torch.nn.Module) -> torch.memory_format:
+    """The memory format of the model's convolution weights (channels_last after model.to(channels_last))."""
+    for p in model.parameters():
+        if p.ndim == 4:
+            return torch.channels_last if p.is_contiguous(memory_format=torch.channels_last) and \
+                not p.is_contiguous() else torch.contiguous_format
+    return torch.contiguous_format
+
+
 def normalize(images: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """uint8 images (B, C, H, W) -> float, normalized with the model's mean/std, channels_last."""
+    """uint8 images (B, C, H, W) -> float, normalized with the model's mean/std, in the model's memory format."""
     mean, std = _mean_std(model)
-    return ((images.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+    return ((images.float() / 255 - mean) / std).contiguous(memory_format=_layout(model))
+
+
+@contextlib.contextmanager
+def prepare_inference(model: torch.nn.Module, device, n_images: int, channels_last: Switch = 'auto',
+                      compile: Switch = 'auto') -> Iterator[torch.nn.Module]:
+    """Within the block, ``model`` is in the memory format for inference on ``device`` (``auto``:
+    runtime.channels_last_default) and its ``forward_features`` is compiled (``auto``: runs of at least
+    runtime.COMPILE_MIN_IMAGES images on a device where it pays; eager if compiling fails). Afterwards the model has
+    its own memory format and methods again."""
+    before = _layout(model)
+    cl = resolve(channels_last, channels_last_default(device, 'inference'))
+    model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    try:
+        with compiled_method(model, 'forward_features', resolve(compile, compile_default(device, 'inference',
+                                                                                         n_images))):
+            yield model
+    finally:
+        model.to(memory_format=before)
 
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, keep_grid: bool = False,
-                     desc: str = 'extract', progress: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     desc: str = 'extract', progress: bool = True, channels_last: Switch = 'auto',
+                     compile: Switch = 'auto') -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run a frozen encoder once over uint8 images (N, C, H, W) of the model's input size.
+
+    ``channels_last`` and ``compile`` (True, False or 'auto'): see :func:`prepare_inference`.
 
     Returns (pooled float32 (N, F), grid float16 (N, F, rows, cols) or None). Pooled = the encoder's own
     ``forward_head(forward_features(x), pre_logits=True)`` (mean over the patch grid).
     """
     was_training = model.training
-    model.eval().to(memory_format=torch.channels_last)
+    model.eval()
+    device = next(model.parameters()).device
     pooled, grids = [], []
     bar = tqdm(total=len(images), desc=desc, unit='img', disable=not progress, leave=False)
-    for i in range(0, len(images), batch_size):
-        z = model.forward_features(normalize(images[i:i + batch_size], model))
-        pooled.append(model.forward_head(z, pre_logits=True).float())
-        if keep_grid:
-            grids.append(z.to(torch.float16).contiguous())
-        bar.update(min(batch_size, len(images) - i))
+    with prepare_inference(model, device, len(images), channels_last, compile):
+        for i in range(0, len(images), batch_size):
+            z = model.forward_features(normalize(images[i:i + batch_size], model).to(device))
+            pooled.append(model.forward_head(z, pre_logits=True).float().cpu())
+            if keep_grid:
+                grids.append(z.to(torch.float16).contiguous().cpu())
+            bar.update(min(batch_size, len(images) - i))
     bar.close()
     model.train(was_training)
     return torch.cat(pooled), (torch.cat(grids) if keep_grid else None)
@@ -94,6 +128,8 @@ def extract_files(
         device: Union[str, torch.device] = 'cpu',
         num_workers: int = 0,
         progress: bool = True,
+        channels_last: Switch = 'auto',
+        compile: Switch = 'auto',
 ) -> Tuple[torch.Tensor, List[str], List[Tuple[str, str]]]:
     """Encode image files with a timm model, preprocessed with the model's own data config.
 
@@ -106,6 +142,7 @@ def extract_files(
         device: where the model runs.
         num_workers: DataLoader workers decoding images (0: in this process).
         progress: show a tqdm progress bar (on stderr).
+        channels_last, compile: True, False or 'auto' (see :func:`prepare_inference`).
 
     Returns:
         ``(features, kept, skipped)``: float32 features on the CPU, (N, C) or (N, C, rows, cols), one row per path in
@@ -120,20 +157,22 @@ def extract_files(
     model = model.eval().to(device)
     feats, kept, skipped = [], [], []
     bar = tqdm(total=len(paths), desc='cpc-extract', unit='img', disable=not progress, file=sys.stderr)
-    for images, idx, bad in loader:
-        bar.update(len(idx) + len(bad))
-        skipped.extend((str(paths[i]), err) for i, err in bad)
-        if images is None:
-            continue
-        out = model.forward_features(images.to(device, non_blocking=True))
-        if grid:
-            if out.ndim != 4:
-                raise ValueError(f'--grid needs 4-D features (B, C, rows, cols); {type(model).__name__} gives shape '
-                                 f'{tuple(out.shape)}. Extract pooled features instead.')
-        else:
-            out = model.forward_head(out, pre_logits=True)
-        feats.append(out.float().cpu())
-        kept.extend(str(paths[i]) for i in idx)
+    with prepare_inference(model, device, len(paths), channels_last, compile):
+        layout = _layout(model)  # the images follow the model's format
+        for images, idx, bad in loader:
+            bar.update(len(idx) + len(bad))
+            skipped.extend((str(paths[i]), err) for i, err in bad)
+            if images is None:
+                continue
+            out = model.forward_features(images.to(device, non_blocking=True).contiguous(memory_format=layout))
+            if grid:
+                if out.ndim != 4:
+                    raise ValueError(f'--grid needs 4-D features (B, C, rows, cols); {type(model).__name__} gives '
+                                     f'shape {tuple(out.shape)}. Extract pooled features instead.')
+            else:
+                out = model.forward_head(out, pre_logits=True)
+            feats.append(out.float().cpu())
+            kept.extend(str(paths[i]) for i in idx)
     bar.close()
     if feats:
         features = torch.cat(feats)
@@ -200,6 +239,9 @@ def _parser() -> argparse.ArgumentParser:
     runtime = parser.add_argument_group('runtime')
     runtime.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, mps or auto (default: cpu)')
     runtime.add_argument('--no-progress', action='store_true', help='no progress bar (default: a bar on stderr)')
+    for flag, what in (('--compile', 'torch.compile forward_features; auto = for long runs where it measured faster'),
+                       ('--channels-last', 'NHWC model and images; auto = the measured default of --device')):
+        runtime.add_argument(flag, choices=('auto', 'on', 'off'), default='auto', help=f'{what} (default: auto)')
     return parser
 
 
@@ -219,6 +261,10 @@ def _check_args(args) -> None:
             raise ConfigError(f'--checkpoint: {e}') from None
 
 
+def _switch(text: str) -> Switch:
+    return text == 'on' if text in ('on', 'off') else text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -231,7 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         features, kept, skipped = extract_files(
             model, paths, batch_size=args.batch_size, grid=args.grid, device=check_device(args.device),
-            num_workers=args.workers, progress=not args.no_progress)
+            num_workers=args.workers, progress=not args.no_progress,
+            channels_last=_switch(args.channels_last), compile=_switch(args.compile))
     except ValueError as e:  # --grid for a model without a feature grid
         print(f'cpc-extract: error: {one_line(e)}', file=sys.stderr)
         return 2

@@ -52,10 +52,11 @@ from .distributed import init_distributed
 from .images import collate_readable
 from .objective import CPCObjective, ObjectiveConfig, ObjectiveOutput
 from .patches import patchify
+from .runtime import Switch, channels_last_default, compile_default, compile_method, resolve
 from .schedule import warmup_cosine
 
 __all__ = ['TrainConfig', 'PRESETS', 'build_config', 'check_config', 'CPCModel', 'build_model', 'build_optimizer',
-           'StepSetup', 'build_step_setup', 'train_step', 'compile_trunk', 'lr_at', 'train', 'main',
+           'StepSetup', 'build_step_setup', 'train_step', 'compile_trunk', 'compile_model', 'lr_at', 'train', 'main',
            'NonFiniteLossError', 'NoReadableImagesError', 'latest_checkpoint']
 
 
@@ -90,8 +91,11 @@ class TrainConfig:
     # ---- runtime ----
     device: str = 'auto'  # auto = cuda if available
     bf16: bool = True  # autocast on CUDA
-    channels_last: bool = True  # NHWC model and patches
-    compile: bool = False  # torch.compile the encoder trunk
+    # NHWC model and patches; auto = on CUDA, on the CPU as measured faster (cpc_models/runtime.py)
+    channels_last: Switch = 'auto'
+    # torch.compile the encoder trunk and the objective (eager if compiling fails); auto = on for CUDA runs of at
+    # least 1000 steps, off on the CPU (measured no faster there)
+    compile: Switch = 'auto'
     grad_checkpointing: bool = False  # recompute each stack's activations in backward
     seed: int = 0  # data order; augmentation generator of rank r: seed * 1000 + r
     progress: bool = True  # tqdm progress bar
@@ -241,19 +245,37 @@ class CPCModel(nn.Module):
             return self.objective(z)
 
 
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """The config's ``channels_last``, with ``auto`` resolved for ``device`` (runtime.channels_last_default)."""
+    return resolve(cfg.channels_last, channels_last_default(device, 'train'))
+
+
+def use_compile(cfg: TrainConfig, device: torch.device, total_steps: int) -> bool:
+    """The config's ``compile``, with ``auto`` resolved: on for runs long enough on a device where it pays."""
+    return resolve(cfg.compile, compile_default(device, 'train', total_steps))
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> CPCModel:
     """The timm encoder (num_classes=0) and the objective, on ``device``, with the config's runtime switches."""
     encoder = timm.create_model(cfg.model, pretrained=False, num_classes=0, **cfg.model_args)
     encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     objective = CPCObjective(encoder.num_features, **dataclasses.asdict(cfg.objective))
     model = CPCModel(encoder, objective).to(device)
-    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    return model.to(memory_format=torch.channels_last) if use_channels_last(cfg, device) else model
 
 
-def compile_trunk(encoder: nn.Module) -> None:
-    """torch.compile the encoder's trunk (stem, stacks, norm), where nearly all the FLOPs are; the state dict
-    keeps its names (no ``_orig_mod.`` prefix)."""
-    encoder.forward_trunk = torch.compile(encoder.forward_trunk)
+def compile_trunk(encoder: nn.Module, **compile_kwargs) -> None:
+    """torch.compile the encoder's trunk (stem, stacks, norm), where nearly all the FLOPs are, falling back to
+    eager if compiling fails; the state dict keeps its names (no ``_orig_mod.`` prefix)."""
+    compile_method(encoder, 'forward_trunk', **compile_kwargs)
+
+
+def compile_model(model: CPCModel, **compile_kwargs) -> None:
+    """torch.compile what a training step runs: the encoder trunk and the objective (each with the eager fallback;
+    state-dict keys unchanged; ``compile_kwargs`` go to torch.compile). Both trace without graph breaks
+    (tests/test_runtime.py)."""
+    compile_trunk(model.encoder, **compile_kwargs)
+    compile_method(model.objective, 'forward', **compile_kwargs)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.AdamW:
@@ -289,7 +311,8 @@ def build_step_setup(cfg: TrainConfig, encoder: nn.Module, device: torch.device,
         generator=torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank),
         mean=torch.tensor(data_cfg['mean'], device=device).view(1, -1, 1, 1),
         std=torch.tensor(data_cfg['std'], device=device).view(1, -1, 1, 1),
-        channels_last=cfg.channels_last, bf16=cfg.bf16 and device.type == 'cuda', grad_clip=cfg.grad_clip)
+        channels_last=use_channels_last(cfg, device), bf16=cfg.bf16 and device.type == 'cuda',
+        grad_clip=cfg.grad_clip)
 
 
 def train_step(model: nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, setup: StepSetup,
@@ -403,7 +426,7 @@ def _trim_log(path: Path, step: int) -> None:
 
 def _config_changes(saved: Dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
     """{key: (saved, now)} of the values a resumed run changes, comparing leaf by leaf (a key an older
-    config.json lacks is not a change)."""
+    config.json lacks is not a change, nor is a runtime switch now 'auto': it is resolved again for this device)."""
     def leaves(d, prefix=''):
         for k, v in d.items():
             if isinstance(v, dict) and k != 'model_args':
@@ -412,7 +435,7 @@ def _config_changes(saved: Dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]
                 yield prefix + k, v
     old = dict(leaves(saved))
     return {k: (old[k], v) for k, v in leaves(C.to_dict(cfg))
-            if k in old and k not in ('resume', 'progress') and old[k] != v}
+            if k in old and k not in ('resume', 'progress') and old[k] != v and v != 'auto'}
 
 
 # The values that shape the parameters: a checkpoint only resumes into a run that has the same.
@@ -502,14 +525,17 @@ def train(cfg: TrainConfig) -> Dict:
         dataset, batch_sampler=sampler, collate_fn=collate_readable, num_workers=cfg.num_workers,
         pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0, worker_init_fn=_ignore_sigint)
     ddp_model = DistributedDataParallel(model) if world > 1 else model
-    if cfg.compile:
-        compile_trunk(encoder)
+    compiled = use_compile(cfg, device, total_steps)
+    if compiled:
+        compile_model(model)
 
     if main_process:
         print('config:', json.dumps(C.to_dict(cfg), indent=2))
         n_params = sum(p.numel() for p in encoder.parameters())
         print(f'{cfg.model}: {n_params / 1e6:.2f}M encoder parameters; {img_size}px images -> {rows}x{cols} grid of '
               f'{encoder.patch_size}px patches; {world} process(es); {total_steps} steps on {device}')
+        print(f'runtime: channels_last {setup.channels_last}, bf16 autocast {setup.bf16}, torch.compile {compiled} '
+              f'(config: channels_last={cfg.channels_last}, compile={cfg.compile})')
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_partial(out_dir)
 

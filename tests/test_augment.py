@@ -761,3 +761,34 @@ def test_bad_cfg_type_raises():
     with pytest.raises(TypeError) as e:
         PatchAugment(dict(hflip=0.5))
     assert str(e.value) == 'cfg must be a PatchAugmentConfig, got dict.'
+
+
+@pytest.mark.parametrize('c', [1, 3])
+@pytest.mark.parametrize('warp', [dict(elastic=1.0), dict(elastic=0.0, jitter=0, hflip=0.5)])
+def test_masked_equals_indexed(c, warp):
+    # every op on some patches; elastic on all (both ways then draw the same fields) or on none (some unwarped)
+    cfg = PatchAugmentConfig(auto_augment_ops=SUPPORTED_OPS, num_ops=3, auto_augment_prob=0.7, color_drop=0.5,
+                             **warp)
+    x = patches(96, c, 8)
+    indexed = PatchAugment(cfg, masked=False)(x, gen(3))
+    masked = PatchAugment(cfg, masked=True)(x, gen(3))
+    torch.testing.assert_close(masked, indexed, rtol=0, atol=1e-5)  # per-patch ops on batches of other sizes
+    assert PatchAugment(cfg)._masked(x) is False  # the CPU default: the indexed way
+
+
+def test_masked_path_needs_no_values_on_the_host():
+    # The meta device holds no data: nonzero, .item(), .tolist(), bool(t) and boolean indexing all raise there, so
+    # a forward that runs on it waits for the device nowhere (what a CUDA step needs).
+    cfg = PatchAugmentConfig(auto_augment_ops=SUPPORTED_OPS, num_ops=2)
+    for c in (1, 3):
+        y = PatchAugment(cfg)(torch.empty(64, c, 8, 8, device='meta'))
+        assert y.device.type == 'meta' and y.shape == (64, c, 8, 8)
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the indexed way does read values
+        PatchAugment(cfg, masked=False)(torch.empty(64, 3, 8, 8, device='meta'))
+
+
+def test_autocontrast_is_torchvisions():
+    from cpc_models.augment import _autocontrast
+    x = patches(16, 3, 8)
+    x[3] = 0.25  # a flat patch: left as is
+    assert torch.equal(_autocontrast(x), TF.autocontrast(x))

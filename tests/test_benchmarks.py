@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,3 +49,65 @@ def test_benchmark_suite_smoke(tmp_path):
     assert not doc['errors'], doc['errors']
 
     assert '## Throughput' in md and '## Naive baselines' in md and 'Load average' in md
+
+
+def _module(tmp_path, *argv, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _git_checkout() -> bool:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _git_checkout(), reason='needs a git checkout (the baseline is a git worktree)')
+def test_compare_times_a_baseline_revision_and_checks_the_loss_curves(tmp_path):
+    """benchmarks.compare end to end against HEAD in a temporary worktree: both trees train through their own
+    cpc_models.train.main, their step times and loss curves land in the JSON and the Markdown."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.compare import write_synthetic_fashion_mnist
+    data = write_synthetic_fashion_mnist(tmp_path / 'data', n=64)
+    small = '--batch-size,4'
+    _module(tmp_path, 'benchmarks.compare', '--against', 'HEAD', '--rounds', '2', '--threads', '1', '--warmup', '1',
+            '--steps', '2', '--loss-steps', '3', '--reference-args', '[]', '--data-dir', str(data), '--target', '1',
+            f'--ours-args={small}', f'--base-args={small}', '--out', str(tmp_path), '--name', 'c')
+    doc = json.loads((tmp_path / 'c.json').read_text())
+    assert doc['schema'] == 'cpc-models-compare/1' and doc['batch'] == 4
+    assert doc['base']['rev'] == 'HEAD' and len(doc['base']['commit']) == 40 and doc['data']['kind'] == 'given'
+    (timing,) = doc['timing']
+    assert timing['threads'] == 1 and [r['order'] for r in timing['rounds']] == [['base', 'ours'], ['ours', 'base']]
+    for r in timing['rounds']:
+        assert len(r['base']['wall_s']) == len(r['ours']['wall_s']) == 2 and r['ratio'] > 0 and r['cpu_ratio'] > 0
+    assert timing['ratio']['n'] == 2 and timing['ratio']['min'] <= timing['ratio']['median'] <= timing['ratio']['max']
+    assert 'passed' in timing and timing['load']['n'] == 4
+    loss = doc['loss']
+    assert len(loss['curves']['base']) == len(loss['curves']['ours']) == 3 and loss['passed']
+    worktrees = subprocess.run(['git', 'worktree', 'list'], cwd=ROOT, capture_output=True, text=True).stdout
+    assert not Path(doc['base']['tree']).exists() and doc['base']['tree'] not in worktrees  # removed afterwards
+    md = (tmp_path / 'c.md').read_text()
+    assert 'speed-up: median' in md and 'Loss curves over 3 steps' in md and '**PASS**' in md
+
+
+def test_peer_and_layout_smoke(tmp_path):
+    """benchmarks.peer (the norm part) and benchmarks.layout run and write their tables; numbers are not checked."""
+    _module(tmp_path, 'benchmarks.peer', '--parts', 'norm', '--rounds', '1', '--reps', '1', '--threads', '1',
+            '--batch', '1', '--out', str(tmp_path))
+    doc = json.loads((tmp_path / 'peer_cpu.json').read_text())
+    parts = {r['part'] for r in doc['rows']}
+    assert parts == {'norm_backward', 'norm_forward', 'norm_backward_vs_groupnorm'}
+    assert all(r['ratio']['median'] > 0 for r in doc['rows']) and 'target' in doc['rows'][0]
+    _module(tmp_path, 'benchmarks.layout', '--kinds', 'inference', '--modes', 'base,cl', '--rounds', '1', '--reps',
+            '1', '--threads', '1', '--infer-batch', '2', '--out', str(tmp_path))
+    rows = json.loads((tmp_path / 'layout_cpu.json').read_text())['rows']
+    assert [(r['kind'], r['mode']) for r in rows] == [('inference', 'base'), ('inference', 'cl')]
+    assert rows[0]['speedup']['median'] == 1.0 and '| inference | cl |' in (tmp_path / 'layout_cpu.md').read_text()
+
+
+def test_generated_speed_tables_match_the_result_files():
+    """README.md and docs/benchmarks.md show the committed measurements (benchmarks.report), not typed numbers."""
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks.report', '--check'], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    assert proc.returncode == 0, proc.stderr

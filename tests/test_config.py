@@ -1,7 +1,7 @@
 """cpc_models.config: the one override parser (cpc-train, cpc-eval figure1, benchmarks) on a config of every kind
 of field, its --help, and configs to and from JSON."""
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 import pytest
 
@@ -25,6 +25,7 @@ class Outer:
     steps: int = 10  # optimizer steps
     on: bool = True  # a switch
     mode: Literal['fast', 'slow'] = 'fast'  # a choice
+    fuse: Union[bool, Literal['auto']] = 'auto'  # a switch or auto
     # ---- second ----
     tag: Optional[str] = None  # optional text
     sizes: List[int] = field(default_factory=lambda: [1, 2])  # a list
@@ -106,6 +107,17 @@ def test_help_lists_every_option_once_by_group_with_defaults(capsys):
     assert 'the scale, above its field' in row['--inner.scale']
     assert '{fast,slow}' in row['--mode'] and 'FLOAT' in row['--lr'] and 'LIST' in row['--sizes']
     assert 'probability of a horizontal flip' in row['--augment.hflip']
+
+
+def test_bool_or_auto(capsys):
+    assert parse().fuse == 'auto' and parse('--fuse', 'auto').fuse == 'auto'
+    assert parse('--fuse', 'on').fuse is True and parse('--fuse').fuse is True and parse('--no-fuse').fuse is False
+    assert C.apply(Outer(), dict(fuse=False)).fuse is False  # e.g. a config.json written before 'auto' existed
+    assert fails(capsys, '--fuse', 'maybe') == 'prog: error: --fuse: expected BOOL|{auto}, got "maybe"'
+    with pytest.raises(SystemExit):
+        parse('--help')
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('  --fuse'))
+    assert 'BOOL|{auto}' in row and 'none' not in row
 
 
 def test_presets_and_json_round_trip():

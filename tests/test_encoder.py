@@ -16,9 +16,10 @@ import timm.optim
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from timm.layers import GroupNorm1Act
 
 import cpc_models  # noqa: F401  (registers the architectures)
-from cpc_models.encoder import CPCResNetV2
+from cpc_models.encoder import CPCResNetV2, LayerNormAct2d, PatchConv2d
 from cpc_models.patches import patchify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,9 +346,138 @@ def test_same_function_as_timm_resnetv2_50():
 def test_layer_norm_is_groupnorm_with_one_group():
     m = timm.create_model('cpcv2_resnet_tiny')
     norm = m.stages[0].blocks[0].norm1
-    assert isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == 1 and norm.weight.shape == (norm.num_channels,)
+    assert isinstance(norm, LayerNormAct2d) and isinstance(norm, GroupNorm1Act)
+    assert norm.num_groups == 1 and norm.weight.shape == norm.bias.shape == (norm.num_channels,)
     v1 = _meta_model('cpcv1_resnet101')
     assert isinstance(v1.stages[0].blocks[0].norm1, torch.nn.BatchNorm2d)
+
+
+def _random_affine(norm):
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+@pytest.mark.parametrize('shape', [(3, 8, 5, 7), (4, 16, 2, 2), (5, 32, 1, 1), (2, 6, 9, 9)])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_layer_norm_equals_groupnorm_forward_and_backward(shape, channels_last):
+    """LayerNormAct2d (F.layer_norm over C, H, W) computes GroupNorm(1, C) + ReLU: outputs and all gradients
+    within float tolerance, with the same state dict, in either memory format (which the output keeps)."""
+    ours = _random_affine(LayerNormAct2d(shape[1]))
+    ref = GroupNorm1Act(shape[1])
+    ref.load_state_dict(ours.state_dict())  # same keys and shapes
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    dy = torch.randn(shape, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [ours(xs[0]), ref(xs[1])]
+    for y in ys:
+        y.backward(dy)
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    assert ys[0].stride() == ys[1].stride()
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs CUDA'))])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_layer_norm_under_autocast_stays_in_bf16_without_copies(device, channels_last):
+    """Under bf16 autocast (the CUDA training default) the norm takes and returns bf16 in the input's layout, with
+    no full-size copy (dtype cast, contiguous, clone) of the activations, and still computes GroupNorm(1, C) + ReLU
+    within bf16 rounding; gradients reach the fp32 parameters. CUDA's autocast lists layer_norm as an fp32 op (the
+    copies LayerNormAct2d avoids); the CPU's does not, so on the CPU this checks the layout part only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullSizeCopies(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.found = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ('_to_copy', 'clone', 'copy_', 'contiguous') and isinstance(out, torch.Tensor) \
+                    and out.numel() == self.numel:
+                self.found.append(name)
+            return out
+
+    ours = _random_affine(LayerNormAct2d(16))
+    ref = GroupNorm1Act(16)
+    ref.load_state_dict(ours.state_dict())
+    ours, ref = ours.to(device), ref.to(device)
+    x = (torch.randn(6, 16, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1).bfloat16().to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16), FullSizeCopies(x.numel()) as mode:
+        y = ours(x)
+        y.backward(torch.ones_like(y))
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    assert mode.found == []
+    assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref(x.detach().float()), rtol=0.02, atol=0.05)
+
+
+def test_layer_norm_in_float64_is_groupnorm():
+    ours = _random_affine(LayerNormAct2d(8, act_layer=torch.nn.Identity)).double()
+    ref = torch.nn.GroupNorm(1, 8).double()
+    ref.load_state_dict(ours.state_dict(), strict=False)
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_models_with_timm_groupnorm_load_the_same_weights():
+    """A model built with timm's GroupNorm1Act (the norm before LayerNormAct2d) has the same state-dict keys and
+    computes the same latent grid from the same weights."""
+    torch.manual_seed(0)
+    ours = timm.create_model('cpcv2_resnet_tiny', num_classes=0).eval()
+    ref = timm.create_model('cpcv2_resnet_tiny', num_classes=0, norm_layer='groupnorm1').eval()
+    assert not any(isinstance(m, LayerNormAct2d) for m in ref.modules())
+    sd = {k: v + 0.1 * torch.randn_like(v) for k, v in ours.state_dict().items()}
+    ours.load_state_dict(sd)
+    ref.load_state_dict(sd)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('kernel, stride', [(1, 1), (1, 2), (3, 1), (3, 2), (7, 2)])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_patch_conv_of_a_1x1_map_is_the_convolution(kernel, stride, channels_last):
+    """PatchConv2d computes a 1x1 map with the centre taps only, forward and backward, and every other map with the
+    convolution itself; it keeps nn.Conv2d's parameters."""
+    conv = torch.nn.Conv2d(6, 5, kernel, stride=stride, padding=kernel // 2, bias=kernel == 3)
+    ours = PatchConv2d.convert(torch.nn.Sequential(conv))[0]
+    assert type(ours) is PatchConv2d and ours.centre_only and list(ours.state_dict()) == ['weight'] + (
+        ['bias'] if kernel == 3 else [])
+    for size in (1, 4):
+        x = torch.randn(3, 6, size, size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ys = [ours(xs[0]), torch.nn.functional.conv2d(xs[1], conv.weight, conv.bias, stride, kernel // 2)]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+        dy = torch.randn_like(ys[1])
+        grads = [torch.autograd.grad(y, (xi, conv.weight), dy) for y, xi in zip(ys, xs)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_conv_leaves_other_convolutions_alone():
+    odd = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.Conv2d(4, 4, 3, padding=1, groups=2),
+                              torch.nn.Conv2d(4, 4, 2, padding=1), torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2))
+    PatchConv2d.convert(odd)
+    assert not any(m.centre_only for m in odd)  # valid, grouped, even, dilated: the convolution every time
+    x = torch.randn(2, 4, 1, 1)
+    torch.testing.assert_close(odd[1](x), torch.nn.functional.conv2d(x, odd[1].weight, odd[1].bias, padding=1,
+                                                                     groups=2))
+    m = timm.create_model('cpcv2_resnet_tiny')
+    assert not any(type(c) is torch.nn.Conv2d for c in m.modules())  # every model conv is a PatchConv2d
 
 
 # ---------------------------------------------------------------- bad input: clear errors

@@ -125,3 +125,24 @@ def test_cli_errors(images, tmp_path, capsys):
                          '--out', str(tmp_path / 'o')]) == 2
     assert 'none of the 1 image(s) could be read' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layout_and_compile_switches(model, images):
+    """Either memory format (and dynamo-captured forward_features) gives the same features; the model keeps its
+    own memory format and methods afterwards."""
+    paths = find_images([images])
+    x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ref_files = extract.extract_files(model, paths, channels_last=False, compile=False, progress=False)[0]
+    ref_pooled, ref_grid = extract.extract_features(model, x, keep_grid=True, channels_last=False, compile=False,
+                                                    progress=False)
+    for cl in (True, 'auto'):
+        torch.testing.assert_close(extract.extract_files(model, paths, channels_last=cl, progress=False)[0],
+                                   ref_files, rtol=1e-4, atol=1e-4)
+        pooled, grid = extract.extract_features(model, x, keep_grid=True, channels_last=cl, progress=False)
+        torch.testing.assert_close(pooled, ref_pooled, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grid.float(), ref_grid.float(), rtol=1e-2, atol=1e-3)  # float16 grids
+        assert all(p.is_contiguous() for p in model.parameters())  # as it was
+    torch._dynamo.reset()
+    with extract.prepare_inference(model, 'cpu', 1, channels_last=True, compile=True) as m:
+        assert 'forward_features' in vars(m) and m.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert 'forward_features' not in vars(model) and model.stem.conv.weight.is_contiguous()

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..classifier import GridClassifier, grid_classifier_kwargs
 from ..extract import normalize
+from ..runtime import channels_last_default
 from .eval_config import EvalConfig
 
 __all__ = ['accuracy', 'fit_linear_probe', 'knn_predict', 'EncoderClassifier', 'make_classifier', 'train_until_plateau',
@@ -218,7 +219,8 @@ def train_images(model: nn.Module, groups, images: torch.Tensor, labels: torch.T
     opt = torch.optim.AdamW(groups, weight_decay=wd)
     torch.manual_seed(seed)  # the augmentation draws from the global generator
     aug = _augment(cfg, tuple(images.shape[-2:]))
-    model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last if channels_last_default(next(model.parameters()).device)
+             else torch.contiguous_format)
 
     def loss_fn(idx):
         x = torch.stack([aug(img) for img in images[idx]])  # per-image crop offsets and flips

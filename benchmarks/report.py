@@ -1,0 +1,136 @@
+"""The speed tables of README.md and docs/benchmarks.md, generated from the committed result files.
+
+    PYTHONPATH=. python -m benchmarks.report            # rewrite the generated blocks after a new measurement
+    PYTHONPATH=. python -m benchmarks.report --check    # exit 1 if a block differs from its result files
+
+Each block sits between ``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->``; everything in it
+comes from ``benchmarks/results/*.json`` (benchmarks.compare, benchmarks.peer, benchmarks.layout), so no speed number
+in the docs is typed by hand. tests/test_benchmarks.py runs the check.
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+from benchmarks import compare, layout, peer
+from cpc_models.atomic import write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / 'benchmarks' / 'results'
+COMPARE = RESULTS / 'compare_a58a1bb_cpu.json'
+PEER = RESULTS / 'peer_cpu.json'
+LAYOUT = RESULTS / 'layout_cpu.json'
+RUN = RESULTS / 'cpu.json'
+
+
+def _load(path: Path) -> Dict:
+    return json.loads(path.read_text())
+
+
+def _measured(doc: Dict) -> str:
+    m = doc['machine']
+    load = m['load_average_at_start'][0]
+    return (f"{m['cpu']}, {m['logical_cores']} cores, 1-min load {load:.1f} at the start, "
+            f"{doc.get('elapsed_s', 0) / 60:.0f} min")
+
+
+def speed_summary() -> str:
+    """README: the step against the baseline revision and the matched peer configuration."""
+    cmp_doc, peer_doc = _load(COMPARE), _load(PEER)
+    lines = [f"`fmnist_tiny` pretraining step (cpc-train, batch {cmp_doc['batch']}) against commit "
+             f"`{cmp_doc['config']['against']}`, same run, alternating rounds "
+             f"(`{cmp_doc['command']}`; {_measured(cmp_doc)}; "
+             f"[{COMPARE.with_suffix('.md').relative_to(ROOT)}]({COMPARE.with_suffix('.md').relative_to(ROOT)})):",
+             '', *compare.timing_table(cmp_doc), '']
+    if cmp_doc.get('loss'):
+        lines += [compare.loss_line(cmp_doc), '']
+    lines += [f"Matched lightning-bolts-like configuration, same process (`{peer_doc['command']}`; "
+              f"{_measured(peer_doc)}; [{PEER.with_suffix('.md').relative_to(ROOT)}]"
+              f"({PEER.with_suffix('.md').relative_to(ROOT)})):", '', *peer.results_table(peer_doc)]
+    return '\n'.join(lines)
+
+
+def _fmt(ratio: Dict) -> str:
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
+
+
+def targets_table() -> str:
+    """The targets of the speed work, each with its same-run result; PASS/MISS as the result files say."""
+    cmp_doc, peer_doc = _load(COMPARE), _load(PEER)
+    lines = ['| target | torch threads | result: speed-up median (min-max) | CPU-time ratio | verdict |',
+             '|---|---:|---|---|---|']
+    for t in cmp_doc['timing']:
+        lines.append(f"| `fmnist_tiny` pretraining step >= {t['target']:g}x the images/s of "
+                     f"`{cmp_doc['config']['against']}` | {t['threads']} | {_fmt(t['ratio'])} | "
+                     f"{_fmt(t['cpu_ratio'])} | **{'PASS' if t['passed'] else 'MISS'}** |")
+    loss = cmp_doc.get('loss')
+    if loss:
+        lines.append(f"| the same loss curve over {loss['steps']} steps (relative tolerance {loss['rtol']:g}) | 1 | "
+                     f"largest relative difference {loss['max_rel_diff']:.1e} (the baseline vs itself with "
+                     f"`{' '.join(loss.get('reference_args', []))}`: {loss.get('reference_max_rel_diff', 0):.1e}) | "
+                     f"| **{'PASS' if loss['passed'] else 'MISS'}** |")
+    for r in peer_doc['rows']:
+        if 'target' in r:
+            lines.append(f"| {peer.PART_TEXT[r['part']]} >= {r['target']:g}x {r['against']} | {r['threads']} | "
+                         f"{_fmt(r['ratio'])} | {_fmt(r['cpu_ratio'])} | **{'PASS' if r['passed'] else 'MISS'}** |")
+    run = _load(RUN)
+    tiny = next((r for r in run['results'] if r['variant'] == 'cpcv2_resnet_tiny' and r['kind'] == 'train'
+                 and r['mode'] == 'cl' and r['threads'] == run['settings'].get('threads', 1)), None)
+    if tiny:
+        lines += ['', f"For scale: in `{run['command']}` ([cpu.md](../benchmarks/results/cpu.md), 1-min load "
+                      f"{tiny['load_before']:.1f}) the tiny training step (batch {tiny['batch']}, channels_last, "
+                      f"{tiny['threads']} thread) ran at {tiny['mfu']:.0%} of the fp32 matmul rate measured in the "
+                      f"same run (counting only its convolutions and matrix products): twice its speed would need "
+                      f"{2 * tiny['mfu']:.0%}."]
+    return '\n'.join(lines)
+
+
+def layout_table() -> str:
+    """docs/benchmarks.md: the measurements behind runtime.py's CPU defaults."""
+    doc = _load(LAYOUT)
+    return '\n'.join([f"`{doc['command']}` ({_measured(doc)}; {doc['config']['variant']}, training batch "
+                      f"{doc['config']['train_batch']}, inference batch {doc['config']['infer_batch']}; speed-up over "
+                      f"contiguous eager, median of alternating rounds):", '', *layout.results_table(doc)])
+
+
+BLOCKS: Dict[str, Callable[[], str]] = {'speed': speed_summary, 'targets': targets_table, 'layout': layout_table}
+FILES = {'README.md': ['speed'], 'docs/benchmarks.md': ['speed', 'targets', 'layout']}
+
+
+def render(text: str, names: List[str]) -> str:
+    """``text`` with each named generated block replaced by its current rendering."""
+    for name in names:
+        pattern = re.compile(rf'(<!-- BEGIN generated: {name} -->\n)(?:.*?\n)?(<!-- END generated: {name} -->)', re.S)
+        if not pattern.search(text):
+            raise ValueError(f'no generated block "{name}" (<!-- BEGIN generated: {name} --> ... <!-- END '
+                             f'generated: {name} -->)')
+        body = BLOCKS[name]()
+        text = pattern.sub(lambda m: m.group(1) + body + '\n' + m.group(2), text)
+    return text
+
+
+def stale() -> List[str]:
+    """The files whose generated blocks differ from the result files."""
+    return [f for f, names in FILES.items() if render((ROOT / f).read_text(), names) != (ROOT / f).read_text()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.report', description=__doc__.splitlines()[0])
+    parser.add_argument('--check', action='store_true', help='only check; exit 1 if a block is out of date')
+    args = parser.parse_args(argv)
+    out_of_date = stale()
+    if args.check:
+        for f in out_of_date:
+            print(f'{f}: generated speed tables differ from benchmarks/results; run python -m benchmarks.report',
+                  file=sys.stderr)
+        return 1 if out_of_date else 0
+    for f in out_of_date:
+        write_text(ROOT / f, render((ROOT / f).read_text(), FILES[f]))
+        print(f'updated {f}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
