@@ -23,6 +23,7 @@ COMPARE = RESULTS / 'compare_a58a1bb_cpu.json'
 PEER = RESULTS / 'peer_cpu.json'
 LAYOUT = RESULTS / 'layout_cpu.json'
 RUN = RESULTS / 'cpu.json'
+CUDA_RUN = RESULTS / 'cuda.json'
 
 
 def _load(path: Path) -> Dict:
@@ -95,8 +96,32 @@ def layout_table() -> str:
                       f"contiguous eager, median of alternating rounds):", '', *layout.results_table(doc)])
 
 
-BLOCKS: Dict[str, Callable[[], str]] = {'speed': speed_summary, 'targets': targets_table, 'layout': layout_table}
-FILES = {'README.md': ['speed'], 'docs/benchmarks.md': ['speed', 'targets', 'layout']}
+def run_summary() -> str:
+    """README: benchmarks.run on the CPU and on CUDA, FLOPs and the naive baselines of the same run, every method
+    of a case beside ours (including those faster than ours)."""
+    lines = []
+    for path in (RUN, CUDA_RUN):
+        doc = _load(path)
+        m = doc['machine']
+        where = (f"{m.get('gpu', m.get('cpu'))}" if doc['device'] == 'cuda' else f"{m['cpu']}, {m['threads']} thread")
+        lines += [f"`{doc['command']}` ({where}; 1-min load {m['load_average_at_start'][0]:.1f} at the start; "
+                  f"[{path.with_suffix('.md').relative_to(ROOT)}]({path.with_suffix('.md').relative_to(ROOT)})):", '',
+                  '| case | method | ms | time / ours |', '|---|---|---:|---:|']
+        by_case: Dict[str, List[Dict]] = {}
+        for b in doc['baselines']:
+            by_case.setdefault(b['case'], []).append(b)
+        for case, rows in by_case.items():
+            ours = next(r for r in rows if not r['naive'])
+            for r in rows:
+                ratio = '(ours)' if r is ours else f"{r['median_s'] / ours['median_s']:.2f}x"
+                lines.append(f"| {case} | {r['method']} | {1000 * r['median_s']:,.1f} | {ratio} |")
+        lines.append('')
+    return '\n'.join(lines).rstrip()
+
+
+BLOCKS: Dict[str, Callable[[], str]] = {'speed': speed_summary, 'targets': targets_table, 'layout': layout_table,
+                                        'run': run_summary}
+FILES = {'README.md': ['speed', 'run'], 'docs/benchmarks.md': ['speed', 'targets', 'layout']}
 
 
 def render(text: str, names: List[str]) -> str:
