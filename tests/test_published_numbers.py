@@ -60,3 +60,14 @@ def test_search_table_is_generated_from_its_records():
     search_readme = (folder / 'README.md').read_text()
     for value in (best['pooled']['mean'], best['grid']['mean'], records['ref_pixels']['pixels']['mean']):
         assert f'{100 * value:.1f}%' in search_readme
+
+
+def test_readme_pretraining_run_matches_its_log():
+    log = [json.loads(line) for line in
+           (ROOT / 'results' / 'fmnist_search' / 'gpu_logs' / 'B_w512_b128_10ep.metrics.jsonl').read_text().splitlines()]
+    rates = sorted(m['images_per_s'] for m in log)
+    median = (rates[(len(rates) - 1) // 2] + rates[len(rates) // 2]) / 2
+    assert f'took {log[-1]["wall_time_s"]:.0f} s on one H200' in README
+    assert f'median {median:,.0f} images/s' in README
+    assert f'from {log[0]["loss"]:.2f} at step {log[0]["step"]} to {log[-1]["loss"]:.2f}' in README
+    assert f'({log[-1]["step"]:,} steps of 128 images' in README
