@@ -5,6 +5,7 @@ torchrun, checkpoints are read back with safetensors / ``torch.load(weights_only
 through timm's own Hub loading code (offline, from a Hugging Face cache written in tmp_path).
 Most runs call ``train.main(argv)`` in this process (imports are the slow part of a subprocess).
 """
+import copy
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 
 import cpc_models  # noqa: F401  (registers the architectures)
 from cpc_models import config, hub, train
-from cpc_models.augment import PatchAugmentConfig
+from cpc_models.augment import PatchAugment, PatchAugmentConfig
 from cpc_models.data import load_fashion_mnist
 from cpc_models.images import find_images
 from cpc_models.objective import CPCObjective, ObjectiveConfig
@@ -35,8 +36,6 @@ ARCH = 'cpcv2_resnet_tiny'
 # Small and fast, but the fmnist_tiny preset's real recipe otherwise (augmentation on, 4 directions, offsets 2, 3).
 FAST = ['--preset', 'fmnist_tiny', '--device', 'cpu', '--batch-size', '8', '--objective.context_hidden', '16',
         '--warmup-steps', '5', '--progress', '0', '--num-workers', '0']
-AUG_OFF = ['--augment.color_drop', '0', '--augment.hflip', '0', '--augment.jitter', '0', '--augment.auto_augment', '0',
-           '--augment.elastic', '0', '--augment.color_jitter_prob', '0']
 STATE_FILES = ['config.json', 'encoder.safetensors', 'metrics.json', 'objective.safetensors', 'state.pt']
 
 pytestmark = pytest.mark.timeout(300)
@@ -95,12 +94,14 @@ def test_learns_on_fashion_mnist(tmp_path):
     assert _run(FAST + ['--max-steps', '60', '--lr', '5e-3', '--log-every', '1', '--out-dir', str(out)]) == 0
     log = _log(out)
     assert [m['step'] for m in log] == list(range(1, 61))
+    # patches per image: the positions of the latent grid the encoder computes from a whole 28 px image
+    per_image = timm.create_model(ARCH, num_classes=0).forward_features(torch.zeros(1, 1, 28, 28))[0, 0].numel()
     directions, offsets = ('down', 'up', 'right', 'left'), (2, 3)
     for m in log:
         for key in ('loss', 'acc', 'lr', 'grad_norm', 'images_per_s', 'patches_per_s', 'memory_mb', 'skipped_images',
                     'epoch', 'wall_time_s', *(f'acc/{d}/k{k}' for d in directions for k in offsets)):
             assert key in m and math.isfinite(m[key]), key
-        assert m['images_per_s'] > 0 and m['patches_per_s'] == pytest.approx(36 * m['images_per_s'])
+        assert m['images_per_s'] > 0 and m['patches_per_s'] == pytest.approx(per_image * m['images_per_s'])
         assert m['memory_mb'] > 0 and m['skipped_images'] == 0
     # warmup (linear over 5 steps) then cosine decay
     lrs = [m['lr'] for m in log]
@@ -199,10 +200,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, reference, capsys):
     _assert_same_run(out, reference)
 
 
-# ============ 3. DDP: 2 gloo processes == 1 process on the same global batch ============
+# ============ 3. the training step, and DDP: 2 gloo processes == 1 process on the same draws ============
 
-DDP = FAST + AUG_OFF + ['--max-steps', '3', '--log-every', '1', '--save-every', '1', '--keep-last', '10',
-                        '--lr', '5e-3']
+DDP = FAST + ['--max-steps', '3', '--log-every', '1', '--save-every', '1', '--keep-last', '10', '--lr', '5e-3']
 # Two processes sum the same numbers in another order than one: results agree up to float32 rounding, never bitwise.
 F32_TOL = 2 ** 8 * torch.finfo(torch.float32).eps  # 3e-5
 
@@ -222,17 +222,181 @@ def test_sampler_gives_each_rank_a_contiguous_slice():
         train.StepSampler(5, 8, 0, 1, seed=0)
 
 
-def _step_gradients(ckpt):
-    """The gradients (after clipping) of the first optimizer step: AdamW's first moment is (1 - beta1) * g."""
+def _cut_patches(x, size, stride):
+    """(B, C, H, W) -> (B, rows, cols, C, size, size) with Tensor.unfold (not the package's patchify)."""
+    return x.unfold(2, size, stride).unfold(3, size, stride).permute(0, 2, 3, 1, 4, 5)
+
+
+def _reference_step(model, images_by_rank, generators, cfg, bf16=False):
+    """A training step's loss and gradients, written out: each rank's uint8 images -> [0, 1] -> patches ->
+    PatchAugment with that rank's generator -> timm's mean/std; all ranks' patches then go through the encoder and
+    the objective together, in one process (the global batch), and backward.
+
+    Returns (loss, {parameter name: gradient}, global gradient norm in float64).
+    """
+    enc = model.encoder
+    data_cfg = timm.data.resolve_model_data_config(enc)
+    mean, std = torch.tensor(data_cfg['mean']).view(-1, 1, 1), torch.tensor(data_cfg['std']).view(-1, 1, 1)
+    augment, grids = PatchAugment(cfg.augment), []
+    for images, generator in zip(images_by_rank, generators, strict=True):
+        p = _cut_patches(images.float() / 255, enc.patch_size, enc.patch_stride)
+        flat = augment(p.reshape(-1, *p.shape[3:]), generator)
+        grids.append(((flat - mean) / std).view(p.shape))
+    model.zero_grad(set_to_none=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        loss = model.objective(enc.forward_patches(torch.cat(grids))).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return loss.detach(), grads, math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+
+
+def _clipped(grads, norm, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) where that is below 1."""
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    return {n: g * coef for n, g in grads.items()}
+
+
+def _optimizer_order(model):
+    """Parameter names in the order of the optimizer's state (build_optimizer: weights first, then 1-D ones)."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    """A real one-process gloo group, so that DistributedDataParallel can wrap a model in this process."""
+    torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize('variant', ['plain', 'ddp', 'bf16', 'no_clip'])
+def test_train_step_is_the_recipe_written_out(variant, request):
+    """One train_step against _reference_step and AdamW's first step by hand: the loss, the gradient norm before
+    clipping, the clipped gradients (AdamW's first moment), the updated parameters, the augmentation draws
+    consumed and the learning rate of every parameter group; on a model wrapped in DistributedDataParallel too,
+    under bf16 autocast (CPU) and with clipping off."""
+    cfg = dataclasses.replace(train.build_config(FAST + ['--seed', '3']), grad_clip=0.0 if variant == 'no_clip'
+                              else 0.02)  # 0.02: well below this step's gradient norm (~0.1), so clipping acts
+    torch.manual_seed(cfg.seed)
+    model = train.build_model(cfg, torch.device('cpu'))
+    ref_model = copy.deepcopy(model)
+    images, _ = load_fashion_mnist('train')
+    images = images[:3]
+    setup = train.build_step_setup(cfg, model.encoder, torch.device('cpu'), rank=1)
+    setup = dataclasses.replace(setup, bf16=variant == 'bf16', channels_last=variant == 'ddp')
+    optimizer = train.build_optimizer(cfg, model)
+    for p in model.parameters():  # stale gradients from an earlier step: the step must not add to them
+        p.grad = torch.ones_like(p)
+    if variant == 'ddp':
+        request.getfixturevalue('gloo_world_of_one')
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if variant == 'ddp' else model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr = 0.02  # not cfg.lr, the optimizer's initial value
+
+    out, grad_norm = train.train_step(wrapped, images, optimizer, setup, lr)
+
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + 1)  # rank 1's stream (docs/training.md)
+    loss, grads, norm = _reference_step(ref_model, [images], [generator], cfg, bf16=variant == 'bf16')
+    assert torch.equal(setup.generator.get_state(), generator.get_state())  # the same draws, all of them
+    assert out.loss.item() == pytest.approx(loss.item(), rel=F32_TOL)
+    assert float(grad_norm) == pytest.approx(norm, rel=F32_TOL)  # before clipping
+    assert [g['lr'] for g in optimizer.param_groups] == [lr, lr]
+    clipped = _clipped(grads, norm, cfg.grad_clip) if cfg.grad_clip else grads
+    scale = max(float(g.abs().max()) for g in clipped.values())
+    if variant == 'bf16':  # autocast was on: the fp32 step's gradients are measurably different
+        _, fp32_grads, fp32_norm = _reference_step(copy.deepcopy(ref_model), [images], [torch.Generator().manual_seed(
+            cfg.seed * 1000 + 1)], cfg)
+        fp32_grads = _clipped(fp32_grads, fp32_norm, cfg.grad_clip)
+        assert max(float((fp32_grads[n] - g).abs().max()) for n, g in clipped.items()) > 100 * F32_TOL * scale
+    assert norm > 2 * cfg.grad_clip or not cfg.grad_clip, norm  # clipping acts
+    beta1, beta2 = cfg.betas
+    wds = {id(p): g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
+    for i, name in enumerate(_optimizer_order(model)):
+        p, g = dict(model.named_parameters())[name], clipped[name]
+        state = optimizer.state[p]
+        torch.testing.assert_close(state['exp_avg'], (1 - beta1) * g, rtol=F32_TOL, atol=F32_TOL * scale, msg=name)
+        torch.testing.assert_close(state['exp_avg_sq'], (1 - beta2) * g * g, rtol=1e-4,
+                                   atol=(F32_TOL * scale) ** 2, msg=name)
+        # AdamW's first step: decay, then lr * g / (|g| + eps) (the bias corrections cancel); where |g| is at the
+        # rounding level the sign of g is not determined, so only clear gradients are compared
+        assert wds[id(p)] == (cfg.weight_decay if p.ndim > 1 else 0.0), name
+        expected = before[name] * (1 - lr * wds[id(p)]) - lr * g / (g.abs() + 1e-8)
+        clear = g.abs() > 1e-3 * scale
+        torch.testing.assert_close(p.detach()[clear], expected[clear], rtol=1e-5, atol=1e-3 * lr, msg=name)
+
+
+def test_build_step_setup_follows_the_config():
+    """Rank r's augmentation stream is seeded seed * 1000 + r (docs/training.md); normalization is timm's
+    data config of the encoder; bf16 only on CUDA; the augmentation, clipping and layout come from the config."""
+    cfg = dataclasses.replace(train.build_config(FAST + ['--seed', '7', '--augment.hflip', '0.25']), bf16=True,
+                              channels_last=True, grad_clip=0.3)
+    encoder = timm.create_model(ARCH, num_classes=0)
+    setups = [train.build_step_setup(cfg, encoder, torch.device('cpu'), rank=r) for r in range(2)]
+    assert [s.generator.initial_seed() for s in setups] == [7000, 7001]
+    assert train.build_step_setup(cfg, encoder, torch.device('cpu')).generator.initial_seed() == 7000  # rank 0
+    data_cfg = timm.data.resolve_model_data_config(encoder)
+    for s in setups:
+        assert s.mean.shape == s.std.shape == (1, 1, 1, 1)
+        assert s.mean.flatten().tolist() == pytest.approx(list(data_cfg['mean']))
+        assert s.std.flatten().tolist() == pytest.approx(list(data_cfg['std']))
+        assert s.augment.cfg == cfg.augment and s.augment.cfg.hflip == 0.25
+        assert (s.bf16, s.channels_last, s.grad_clip) == (False, True, 0.3)  # bf16 autocast is for CUDA only
+        assert s.generator.device.type == s.mean.device.type == 'cpu'
+    with torch.device('meta'):  # an RGB encoder: three channel means, broadcast over (N, C, P, P)
+        rgb = timm.create_model('cpcv2_resnet50', num_classes=0)
+    s = train.build_step_setup(cfg, rgb, torch.device('cpu'))
+    assert s.mean.shape == s.std.shape == (1, 3, 1, 1) and s.mean.device.type == 'cpu'
+    assert s.std.flatten().tolist() == pytest.approx(list(timm.data.resolve_model_data_config(rgb)['std']))
+
+
+def _step_gradients(ckpt, model):
+    """{name: gradient (after clipping)} of the first optimizer step: AdamW's first moment is (1 - beta1) * g."""
     state = torch.load(Path(ckpt) / 'state.pt', weights_only=True)
     beta1 = json.loads((Path(ckpt) / 'config.json').read_text())['betas'][0]
     assert state['step'] == 1
-    n_params = sum(len(g['params']) for g in state['optimizer']['param_groups'])
-    assert len(state['optimizer']['state']) == n_params  # every parameter got a gradient
-    return {k: v['exp_avg'] / (1 - beta1) for k, v in state['optimizer']['state'].items()}
+    names = _optimizer_order(model)
+    assert sorted(state['optimizer']['state']) == list(range(len(names)))  # every parameter got a gradient
+    return {names[k]: v['exp_avg'] / (1 - beta1) for k, v in state['optimizer']['state'].items()}
+
+
+def _assert_step_matches(log, ckpt, reference):
+    loss, grads, norm = reference
+    assert log[0]['loss'] == pytest.approx(loss, rel=F32_TOL)  # the global-batch loss, not one rank's
+    assert log[0]['grad_norm'] == pytest.approx(norm, rel=F32_TOL)
+    scale = max(g.abs().max() for g in grads.values())  # rounding errors scale with the largest summands
+    got = _step_gradients(ckpt, _ddp_reference_model())
+    assert got.keys() == grads.keys()
+    for k in grads:  # DDP averages the ranks' gradients (a sum, or rank 0's alone, would be far off)
+        torch.testing.assert_close(got[k], grads[k], rtol=F32_TOL, atol=F32_TOL * scale, msg=f'parameter {k}')
+
+
+def _ddp_reference_model():
+    cfg = train.build_config(DDP)
+    torch.manual_seed(cfg.seed)  # as train() does before building the model
+    return train.build_model(cfg, torch.device('cpu'))
+
+
+def _ddp_reference(world, seeds=None):
+    """Step 1 of the DDP recipe in one process: the first global batch, rank r's slice augmented with the
+    generator seed * 1000 + r (or ``seeds``), the whole batch through the model.
+
+    Returns (loss, {name: clipped gradient}, gradient norm before clipping)."""
+    cfg = train.build_config(DDP)
+    images, _ = load_fashion_mnist('train')
+    batch = next(iter(train.StepSampler(len(images), cfg.batch_size, 0, 1, cfg.seed)))
+    slices = images[batch].chunk(world)
+    seeds = seeds or [cfg.seed * 1000 + r for r in range(world)]
+    loss, grads, norm = _reference_step(_ddp_reference_model(), slices,
+                                        [torch.Generator().manual_seed(s) for s in seeds], cfg)
+    return loss.item(), _clipped(grads, norm, cfg.grad_clip), norm
 
 
 def test_ddp_two_processes_match_one(tmp_path, capsys):
+    """The real recipe, augmentation on: with 2 processes, rank r augments its half of the global batch with its
+    own generator (seed * 1000 + r), so 2 processes and 1 draw different augmentations and their runs differ.
+    What is equal: step 1 of each run equals one process computing the loss of the same global batch with the same
+    per-rank draws (_ddp_reference), in loss and in every parameter's (clipped) gradient."""
     single, ddp = tmp_path / 'single', tmp_path / 'ddp'
     assert _run(DDP + ['--out-dir', str(single)]) == 0
     res = subprocess.run(
@@ -243,19 +407,19 @@ def test_ddp_two_processes_match_one(tmp_path, capsys):
     assert '2 process(es)' in res.stdout
     a, b = _log(single), _log(ddp)
     assert [m['step'] for m in b] == [1, 2, 3] and all(math.isfinite(m['loss']) for m in b)
-    # Step 1 starts from the same weights on the same global batch, so its loss and gradients are the same numbers
-    # summed in another order. Later steps are not compared: Adam divides by sqrt(v), which turns a rounding-level
-    # difference in a near-zero gradient (objective.target_proj.bias's is exactly zero in exact arithmetic) into a
-    # full lr-sized step, and the runs part.
-    assert b[0]['loss'] == pytest.approx(a[0]['loss'], rel=F32_TOL)  # the global-batch loss, not rank 0's
-    assert b[0]['grad_norm'] == pytest.approx(a[0]['grad_norm'], rel=F32_TOL)
-    assert b[0]['acc'] == pytest.approx(a[0]['acc'], abs=0.01)  # an argmax can flip on a rounding-level tie
-    g1 = _step_gradients(single / 'checkpoints' / 'step_00000001')
-    g2 = _step_gradients(ddp / 'checkpoints' / 'step_00000001')
-    assert g1.keys() == g2.keys()
-    scale = max(g.abs().max() for g in g1.values())  # rounding errors scale with the largest summands
-    for k in g1:  # DDP averages the ranks' gradients (a sum, or rank 0's alone, would be far off)
-        torch.testing.assert_close(g2[k], g1[k], rtol=F32_TOL, atol=F32_TOL * scale, msg=f'parameter {k}')
+    # Step 1 starts from the same weights on the same global batch and draws, so its loss and gradients are the
+    # same numbers summed in another order. Later steps are not compared: Adam divides by sqrt(v), which turns a
+    # rounding-level difference in a near-zero gradient (objective.target_proj.bias's is exactly zero in exact
+    # arithmetic) into a full lr-sized step, and the runs part.
+    one_process, two_ranks = _ddp_reference(1), _ddp_reference(2)
+    _assert_step_matches(a, single / 'checkpoints' / 'step_00000001', one_process)
+    _assert_step_matches(b, ddp / 'checkpoints' / 'step_00000001', two_ranks)
+    # the per-rank streams matter: both ranks on rank 0's stream, or one process's draws, give another step
+    cfg = train.build_config(DDP)
+    same_stream = _ddp_reference(2, [cfg.seed * 1000] * 2)
+    scale = max(float(g.abs().max()) for g in two_ranks[1].values())
+    for other in (same_stream, one_process):  # (the loss at step 1 is near log(candidates) whatever the draws)
+        assert max(float((other[1][n] - g).abs().max()) for n, g in two_ranks[1].items()) > 100 * F32_TOL * scale
     state = torch.load(ddp / 'checkpoints' / 'step_00000003' / 'state.pt', weights_only=True)
     assert len(state['rng_aug']) == 2  # one augmentation generator state per rank
     # resuming with another world size is refused, with the reason

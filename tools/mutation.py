@@ -3,7 +3,8 @@
     python tools/mutation.py run [MODULE ...] [--jobs 2] [--keep]   # writes docs/mutation/results/<module>.json
     python tools/mutation.py report [--check]                       # writes docs/mutation/report.md
 
-MODULE is a stem ("augment") or a path listed in tools/mutation.toml (default: all listed). Each module runs in
+MODULE is a stem ("augment") or a path listed in tools/mutation.toml (default: all listed); its [functions] table
+may restrict a module to some functions ("train_step", "StepSampler.*"). Each module runs in
 its own folder .mutation/<stem>/ (a generated pyproject.toml with mutmut's settings, links to cpc_models/ and
 tests/, and mutmut's mutants/ copy) with ``--jobs`` workers of one torch thread each, at nice 10; nothing in the
 working tree is modified. ``--keep`` reuses that folder, so mutmut re-tests only what changed (for iterating on
@@ -70,6 +71,13 @@ def _select(names: list[str], modules: dict) -> list[str]:
     if unknown:
         sys.exit(f'Unknown module(s) {unknown}; tools/mutation.toml lists {sorted(by_stem)}.')
     return [n if n in modules else by_stem[n] for n in names]
+
+
+def _function_patterns(module: str, functions: list[str]) -> list[str]:
+    """mutmut's mutant-name globs for ``functions`` ("name", "Class.method", "Class.*") of ``module``."""
+    prefix = module.removesuffix('.py').replace('/', '.') + '.'
+    return [prefix + ('xǁ{}ǁ{}'.format(*f.split('.', 1)) if '.' in f else f'x_{f}') + '__mutmut_*'
+            for f in functions]
 
 
 def _prepare(module: str, tests: list[str], settings: dict, keep: bool) -> Path:
@@ -147,13 +155,15 @@ def run(names: list[str], jobs: int, keep: bool, survivors: bool) -> None:
         previous = json.loads(path.read_text()) if survivors is not None else None
         retest = [n for n in previous['survivors'] if not survivors or any(fnmatch(n, p) for p in survivors)] \
             if previous else []
+        only = _function_patterns(module, cfg.get('functions', {}).get(module, []))
         work = _prepare(module, modules[module], settings, keep or previous is not None)
         print(f'== {module} against {" ".join(modules[module])} in {work.relative_to(ROOT)}', flush=True)
         start, load = time.monotonic(), round(os.getloadavg()[0], 1)
-        _mutmut(work, 'run', '--max-children', str(jobs), *retest)
+        _mutmut(work, 'run', '--max-children', str(jobs), *(retest or only))
         wall = time.monotonic() - start
         listing = _mutmut(work, 'results', '--all', 'true', capture=True)
-        statuses = dict(re.findall(r'^\s+(\S+): (.+)$', listing, flags=re.M))
+        statuses = {name: status for name, status in re.findall(r'^\s+(\S+): (.+)$', listing, flags=re.M)
+                    if not only or any(fnmatch(name, p) for p in only)}
         alive = [name for name, status in statuses.items() if status not in DETECTED]
         changes = _mutant_changes(work, module, alive)
         survivors = {name: {'status': statuses[name], 'change': changes[name]} for name in alive}
@@ -162,7 +172,8 @@ def run(names: list[str], jobs: int, keep: bool, survivors: bool) -> None:
             'kind': f'{len(retest)} survivors retested' if previous else 'full', 'wall_s': round(wall, 1),
             'load_avg_1min': load, 'date': datetime.now(timezone.utc).strftime('%Y-%m-%d')}]
         result = {
-            'module': module, 'tests': modules[module], 'mutants': len(statuses), 'counts': counts,
+            'module': module, 'tests': modules[module], 'functions': cfg.get('functions', {}).get(module, []),
+            'mutants': len(statuses), 'counts': counts,
             'score': sum(counts.get(s, 0) for s in DETECTED) / max(len(statuses), 1),
             'runs': runs, 'jobs': jobs, 'cpu': _cpu_model(), 'cpu_count': os.cpu_count(),
             'versions': {p: version(p) for p in ('mutmut', 'torch', 'torchvision', 'timm')},
@@ -197,7 +208,7 @@ def report(check: bool) -> int:
         c, stem = r['counts'], _stem(r['module'])
         target = targets.get(stem)
         lines.append(
-            f'| `{r["module"]}` | {", ".join(f"`{t}`" for t in r["tests"])} | {r["mutants"]} | {c.get("killed", 0)} '
+            f'| `{r["module"]}`{_functions(r)} | {", ".join(f"`{t}`" for t in r["tests"])} | {r["mutants"]} | {c.get("killed", 0)} '
             f'| {c.get("timeout", 0)} | {c.get("survived", 0)} | {c.get("no tests", 0)} | {r["score"]:.1%} '
             f'| {f"{target:.0%}" if target else "-"} | {_run_times(r)} |')
         if target and r['score'] < target:
@@ -229,6 +240,12 @@ def report(check: bool) -> int:
     for p in problems:
         print('!', p)
     return 1 if check and problems else 0
+
+
+def _functions(result: dict) -> str:
+    """' (only f, g)' for a module restricted to some functions."""
+    functions = result.get('functions')
+    return f' (only {", ".join(f"`{f}`" for f in functions)})' if functions else ''
 
 
 def _run_times(result: dict) -> str:
