@@ -57,7 +57,7 @@ def test_linear_probe_matches_sklearn_on_fashion_mnist_pixels():
     y = data['train_labels'][:600]
     xv, yv = F.avg_pool2d(data['test_images'][:300].float() / 255, 4).flatten(1), data['test_labels'][:300]
     wd = 1e-3
-    probe = fit_linear_probe(x, y, xv, yv, [wd], num_classes=10, max_iter=500)
+    probe = fit_linear_probe(x, y, xv, yv, [wd], num_classes=10)  # the default iteration budget, as cpc-eval uses
     mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     xs, xvs = ((x - mu) / sd).double(), ((xv - mu) / sd).double()
     ref = LogisticRegression(C=1 / (2 * wd * len(y)), tol=1e-8, max_iter=10_000).fit(xs.numpy(), y.numpy())
@@ -77,11 +77,47 @@ def test_linear_probe_matches_sklearn_on_fashion_mnist_pixels():
 
 
 def test_linear_probe_picks_the_penalty_on_the_validation_set():
+    """The best penalty on the validation set wins, and the probe returned is the one fitted with it (not the
+    last one fitted)."""
     x, y = _blobs(40, 50, 2, seed=2, spread=4.0)  # few, noisy, high-dimensional: a strong penalty helps
     xv, yv = _blobs(400, 50, 2, seed=2, spread=4.0, sample=1)
     probe = fit_linear_probe(x, y, xv, yv, [1e-6, 1.0], num_classes=2)
     assert probe['val_by_wd'][probe['wd']] == max(probe['val_by_wd'].values())
     assert probe['val_acc'] == max(probe['val_by_wd'].values())
+    assert probe['wd'] == 1.0 and probe['val_by_wd'][1.0] > probe['val_by_wd'][1e-6]  # 1.0 is fitted first
+    alone = fit_linear_probe(x, y, xv, yv, [1.0], num_classes=2)
+    torch.testing.assert_close(probe['predict'](xv), alone['predict'](xv), rtol=1e-4, atol=1e-4)
+    assert probe['val_acc'] == pytest.approx(float((probe['predict'](xv).argmax(1) == yv).float().mean()))
+
+
+def test_linear_probe_prefers_the_larger_penalty_on_a_tie():
+    """Penalties that reach the same validation accuracy: the larger one (the simpler model) is kept."""
+    x, y = _blobs(40, 5, 2, seed=4, spread=0.1)  # well separated: every penalty here classifies all correctly
+    xv, yv = _blobs(40, 5, 2, seed=4, spread=0.1, sample=1)
+    wds = [1e-5, 1e-3, 1e-4]
+    probe = fit_linear_probe(x, y, xv, yv, wds, num_classes=2)
+    assert probe['val_by_wd'] == {wd: 1.0 for wd in wds}
+    assert probe['wd'] == 1e-3
+
+
+def test_linear_probe_standardizes_with_the_population_std():
+    """Features are standardized with the training set's mean and population (biased) std: on 9 samples the
+    unbiased std is sqrt(9/8) = 6% larger, which changes the penalized solution measurably. The same fit by
+    scikit-learn on features standardized that way agrees (3 classes: sklearn's multinomial form; with 2 it fits
+    one weight vector, another penalty)."""
+    x, y = _blobs(9, 3, 3, seed=6, spread=3.0)
+    xv, _ = _blobs(42, 3, 3, seed=6, spread=3.0, sample=1)
+    wd = 0.05
+    probe = fit_linear_probe(x, y, xv, y[:0].new_zeros(42), [wd], num_classes=3, max_iter=500)
+    mu, sd = x.mean(0), x.std(0, unbiased=False)
+    ref = LogisticRegression(C=1 / (2 * wd * len(y)), tol=1e-10, max_iter=10_000).fit(
+        ((x - mu) / sd).double().numpy(), y.numpy())
+    ours = torch.softmax(probe['predict'](xv), 1).double().numpy()
+    theirs = ref.predict_proba(((xv - mu) / sd).double().numpy())
+    assert np.abs(ours - theirs).max() < 2e-3
+    # shifted or scaled training features give the same probe (standardization is fitted on them)
+    moved = fit_linear_probe(3 * x + 5, y, 3 * xv + 5, y[:0].new_zeros(42), [wd], num_classes=3, max_iter=500)
+    torch.testing.assert_close(moved['predict'](3 * xv + 5), probe['predict'](xv), rtol=1e-3, atol=1e-3)
 
 
 # ---------------- k-NN ----------------
