@@ -222,6 +222,22 @@ def test_sampler_gives_each_rank_a_contiguous_slice():
         train.StepSampler(5, 8, 0, 1, seed=0)
 
 
+def test_sampler_epochs_are_permutations_in_a_new_order():
+    """Each epoch takes its steps_per_epoch batches from one permutation of the images: no image twice in an
+    epoch, n // batch * batch distinct ones; the next epoch, and another seed, visit them in another order."""
+    n, batch = 50, 8
+    sampler = train.StepSampler(n, batch, 0, 1, seed=5)
+    assert len(sampler) == sampler.steps_per_epoch == 6
+    it = iter(sampler)
+    epochs = [[i for _ in range(6) for i in next(it)] for _ in range(3)]
+    for epoch in epochs:
+        assert len(epoch) == len(set(epoch)) == 48 and set(epoch) <= set(range(n))
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
+    other = iter(train.StepSampler(n, batch, 0, 1, seed=6))
+    assert [i for _ in range(6) for i in next(other)] != epochs[0]
+    assert [len(next(iter(train.StepSampler(n, batch, r, 4, seed=5)))) for r in range(4)] == [2] * 4
+
+
 def _cut_patches(x, size, stride):
     """(B, C, H, W) -> (B, rows, cols, C, size, size) with Tensor.unfold (not the package's patchify)."""
     return x.unfold(2, size, stride).unfold(3, size, stride).permute(0, 2, 3, 1, 4, 5)
