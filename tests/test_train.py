@@ -236,6 +236,8 @@ def test_sampler_epochs_are_permutations_in_a_new_order():
     other = iter(train.StepSampler(n, batch, 0, 1, seed=6))
     assert [i for _ in range(6) for i in next(other)] != epochs[0]
     assert [len(next(iter(train.StepSampler(n, batch, r, 4, seed=5)))) for r in range(4)] == [2] * 4
+    exact = iter(train.StepSampler(8, 8, 0, 1, seed=5))  # a dataset of exactly one batch: one step per epoch
+    assert [sorted(next(exact)) for _ in range(2)] == [list(range(8))] * 2
 
 
 def _cut_patches(x, size, stride):
