@@ -344,6 +344,19 @@ def test_train_step_is_the_recipe_written_out(variant, request):
         torch.testing.assert_close(p.detach()[clear], expected[clear], rtol=1e-5, atol=1e-3 * lr, msg=name)
 
 
+def test_train_step_labels_its_parts_for_the_profiler():
+    """benchmarks/profile_step.py groups a step's time by these record_function labels."""
+    cfg = train.build_config(FAST)
+    model = train.build_model(cfg, torch.device('cpu'))
+    setup = train.build_step_setup(cfg, model.encoder, torch.device('cpu'))
+    optimizer = train.build_optimizer(cfg, model)
+    images, _ = load_fashion_mnist('train')
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train.train_step(model, images[:2], optimizer, setup, 1e-3)
+    names = {e.name for e in prof.events()}
+    assert {f'cpc::{part}' for part in ('augment', 'encoder', 'objective', 'backward', 'optimizer')} <= names
+
+
 def test_build_step_setup_follows_the_config():
     """Rank r's augmentation stream is seeded seed * 1000 + r (docs/training.md); normalization is timm's
     data config of the encoder; bf16 only on CUDA; the augmentation, clipping and layout come from the config."""
