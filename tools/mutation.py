@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -208,16 +209,19 @@ def report(check: bool) -> int:
         c, stem = r['counts'], _stem(r['module'])
         target = targets.get(stem)
         lines.append(
-            f'| `{r["module"]}`{_functions(r)} | {", ".join(f"`{t}`" for t in r["tests"])} | {r["mutants"]} | {c.get("killed", 0)} '
+            f'| `{r["module"]}`{_functions(r)} | `{shlex.join(r["tests"])}` | {r["mutants"]} | {c.get("killed", 0)} '
             f'| {c.get("timeout", 0)} | {c.get("survived", 0)} | {c.get("no tests", 0)} | {r["score"]:.1%} '
             f'| {f"{target:.0%}" if target else "-"} | {_run_times(r)} |')
         if target and r['score'] < target:
             problems.append(f'{r["module"]}: score {r["score"]:.1%} below its target {target:.0%}')
-    if results:
-        r = results[0]
-        lines += ['', f'Runs: {r["runs"][0]["date"]}, `--jobs {r["jobs"]}` (one torch thread each, nice 10) on a '
-                      f'{r["cpu_count"]}-core {r["cpu"]} shared with other work; mutmut {r["versions"]["mutmut"]}, '
-                      f'torch {r["versions"]["torch"]}, Python {r["python"]}.']
+    machines = {}  # one line per run setting: the modules run with it
+    for r in results:
+        key = (r['runs'][0]['date'], r['jobs'], r['cpu_count'], r['cpu'], r['versions']['mutmut'],
+               r['versions']['torch'], r['python'])
+        machines.setdefault(key, []).append(f'`{_stem(r["module"])}`')
+    for (date, jobs, cores, cpu, mutmut, torch, python), stems in machines.items():
+        lines += ['', f'Runs of {", ".join(stems)}: {date}, `--jobs {jobs}` (one torch thread each, nice 10) on a '
+                      f'{cores}-core {cpu} shared with other work; mutmut {mutmut}, torch {torch}, Python {python}.']
     for r in results:
         lines += ['', f'## `{r["module"]}`: surviving mutants', '']
         if not r['survivors']:
