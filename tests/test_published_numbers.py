@@ -71,3 +71,13 @@ def test_readme_pretraining_run_matches_its_log():
     assert f'median {median:,.0f} images/s' in README
     assert f'from {log[0]["loss"]:.2f} at step {log[0]["step"]} to {log[-1]["loss"]:.2f}' in README
     assert f'({log[-1]["step"]:,} steps of 128 images' in README
+
+
+def test_readme_figure1_section_rows_come_from_its_results():
+    begin, end = '<!-- figure1:begin', '<!-- figure1:end -->'
+    section = README[README.index(begin):README.index(end)]
+    rows = [line for line in section.splitlines() if line.startswith('| ')]
+    assert len(rows) > 8
+    sources = (ROOT / 'results' / 'fmnist_figure1' / 'table.md').read_text().splitlines()
+    missing = [row for row in rows if row not in sources]
+    assert not missing, missing
