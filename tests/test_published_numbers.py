@@ -81,3 +81,6 @@ def test_readme_figure1_section_rows_come_from_its_results():
     sources = (ROOT / 'results' / 'fmnist_figure1' / 'table.md').read_text().splitlines()
     missing = [row for row in rows if row not in sources]
     assert not missing, missing
+    card = (ROOT / 'weights' / 'cpcv2_resnet_tiny.fmnist' / 'README.md').read_text()  # the card of that encoder
+    card_rows = [line for line in card.split('## Evaluation', 1)[1].splitlines() if line.startswith('| ')]
+    assert len(card_rows) > 8 and [row for row in card_rows if row not in sources] == []
