@@ -196,8 +196,7 @@ def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
             resolve_checkpoint(cfg.resume)
         except FileNotFoundError as e:
             raise C.ConfigError(f'--resume: {e} Or give auto (the newest in --out-dir) or none.') from None
-    resume_from = None if cfg.resume == 'none' else (
-        latest_checkpoint(cfg.out_dir) if cfg.resume == 'auto' else resolve_checkpoint(cfg.resume))
+    resume_from = _resume_source(cfg)
     if resume_from is not None and (resume_from / 'config.json').is_file():
         _check_same_network(cfg, resume_from)
     with torch.device('meta'):  # shapes only: the ImageNet encoders are large
@@ -443,6 +442,13 @@ NETWORK_KEYS = ('model', 'model_args', 'objective.context_hidden', 'objective.co
                 'objective.offsets', 'objective.directions', 'objective.shared_context')
 
 
+def _resume_source(cfg: TrainConfig) -> Optional[Path]:
+    """The checkpoint folder a run continues from (None: a fresh start)."""
+    if cfg.resume == 'none':
+        return None
+    return latest_checkpoint(cfg.out_dir) if cfg.resume == 'auto' else resolve_checkpoint(cfg.resume)
+
+
 def _check_same_network(cfg: TrainConfig, ckpt: Path) -> None:
     """Refuse (ConfigError) to resume ``ckpt`` into a network of other shapes, naming the options to give."""
     changed = {k: v for k, v in _config_changes(json.loads((ckpt / 'config.json').read_text()), cfg).items()
@@ -496,8 +502,7 @@ def train(cfg: TrainConfig) -> Dict:
 
     # ============ resume ============
     step, wall_before = 0, 0.0
-    resume_from = None if cfg.resume == 'none' else (
-        latest_checkpoint(out_dir) if cfg.resume == 'auto' else resolve_checkpoint(cfg.resume))
+    resume_from = _resume_source(cfg)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.encoder, model.objective, device)
         optimizer.load_state_dict(state['optimizer'])
