@@ -368,12 +368,11 @@ def test_jitter_and_translate_compose(name, axis):
     """Full-strength TranslateRel moves a 20 px patch by 9 px (timm: 0.45 P); jitter adds up to 2 px on top."""
     x = pixels(1, 1, 20, seed=5)[0]
     y = PatchAugment(aa(name, 10.0, jitter=2, padding_mode='zeros'))(copies(x, 100), gen())
-    moves = []
-    for out in y:
-        match = [(dy, dx) for dy in range(-11, 12) for dx in range(-11, 12)
-                 if torch.allclose(out, shifted(x, dy, dx), atol=1e-5)]
-        assert len(match) == 1, match
-        moves.append(match[0])
+    shifts = [(dy, dx) for dy in range(-11, 12) for dx in range(-11, 12)]
+    candidates = torch.stack([shifted(x, dy, dx) for dy, dx in shifts])  # (529, C, P, P)
+    hits = ((y[:, None] - candidates[None]).abs() <= 1e-5).flatten(2).all(-1)  # (100, 529): output i is shift j
+    assert (hits.sum(1) == 1).all(), hits.sum(1)
+    moves = [shifts[j] for j in hits.int().argmax(1).tolist()]
     along = [m[axis] for m in moves]
     assert all(7 <= abs(a) <= 11 for a in along)
     assert {a for a in along if a > 0} == set(range(7, 12)) and {a for a in along if a < 0} == set(range(-11, -6))

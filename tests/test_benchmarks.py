@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_benchmark_suite_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
     proc = subprocess.run(
@@ -63,6 +64,7 @@ def _git_checkout() -> bool:
     return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _git_checkout(), reason='needs a git checkout (the baseline is a git worktree)')
 def test_compare_times_a_baseline_revision_and_checks_the_loss_curves(tmp_path):
     """benchmarks.compare end to end against HEAD in a temporary worktree: both trees train through their own
@@ -91,6 +93,7 @@ def test_compare_times_a_baseline_revision_and_checks_the_loss_curves(tmp_path):
     assert 'speed-up: median' in md and 'Loss curves over 3 steps' in md and '**PASS**' in md
 
 
+@pytest.mark.slow
 def test_peer_and_layout_smoke(tmp_path):
     """benchmarks.peer (the norm part) and benchmarks.layout run and write their tables; numbers are not checked."""
     _module(tmp_path, 'benchmarks.peer', '--parts', 'norm', '--rounds', '1', '--reps', '1', '--threads', '1',

@@ -120,6 +120,7 @@ def test_cpc_train_geometry_of_a_folder(images, tmp_path, capsys):
     assert rc == 2 and '--model cpcv2_resnet_small on the 28 px crops of 28 px images: Latent grid 2x2' in line
 
 
+@pytest.mark.slow
 def test_no_published_weights_suggests_a_command_that_works(tmp_path, capsys, monkeypatch):
     """Was: the message suggested `cpc-train --model cpcv2_resnet_small ...`, which failed on the default
     Fashion-MNIST data. Now the suggested command, run as given (on a folder of 64 px images), trains, and the
@@ -265,6 +266,7 @@ def test_cpc_eval_bad_config_is_one_line_and_status_2(argv, message, fmnist_dir,
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_cpc_eval_prints_each_run_and_saves_after_it_without_progress_bars(fmnist_dir, tmp_path):
     """Was: `figure1 --arms scratch --no-progress` printed nothing for minutes (stdout buffered in a pipe) and the
     user could not tell that results.json is rewritten after each run. Now a line before and after every run comes
@@ -287,6 +289,7 @@ def test_cpc_eval_prints_each_run_and_saves_after_it_without_progress_bars(fmnis
     assert len(json.loads((out / 'results.json').read_text())['runs']) == 2
 
 
+@pytest.mark.slow
 def test_cpc_eval_figure1_help_is_grouped():
     proc = subprocess.run([sys.executable, '-m', 'cpc_models.evaluate', 'figure1', '--help'], env=_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -300,6 +303,7 @@ def test_cpc_eval_figure1_help_is_grouped():
 
 # ============ cpc-demo ============
 
+@pytest.mark.slow
 def test_demo_prints_as_it_goes(tmp_path):
     """Was: nothing for 10 minutes on a loaded machine (stdout buffered in make's pipe). The first lines arrive while
     the features are still being extracted, each table row when it is ready."""
@@ -343,6 +347,7 @@ def test_benchmarks_write_a_fresh_folder_unless_told_to_update(capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_run_script_needs_an_interpreter_with_torch(tmp_path):
     """Was: it ran the system python3, which has no torch there. Now: $PYTHON, else the project's .venv, else
     python3; one without torch is refused with what to do."""

@@ -187,6 +187,7 @@ def test_figure1_resumes_merges_and_writes_the_readme_section(tmp_path, fmnist_d
     assert '![Figure 1](merged/figure1.png)' in text and '| target | status | detail |' in text
 
 
+@pytest.mark.slow
 def test_figure1_trained_arms_record_their_convergence(tmp_path, fmnist_dir):
     res = _run(tmp_path / 'c', fmnist_dir, '--arms', 'supervised,cpc_frozen', '--fractions', '0.5',
                '--supervised-args', '{"widths": [8, 16], "depth": 1}', '--round-images', '200', '--patience', '1',

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -57,6 +58,7 @@ def test_finetune_example_runs_and_saves_loadable_weights(tmp_path):
     assert logits.shape == (2, len(CLASSES)) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_finetune_example_splits_a_flat_folder(tmp_path):
     data = tmp_path / 'data'
     _write_folder(data, n_train=8, n_val=0)

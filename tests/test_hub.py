@@ -102,6 +102,7 @@ def test_hf_hub_cache_load_offline(model, published, tmp_path, offline):
     _assert_same_weights(model, loaded)
 
 
+@pytest.mark.slow
 def test_hf_hub_cache_env_vars_subprocess(model, published, tmp_path):
     cache = tmp_path / 'hf'
     hub.main(['cache', str(published), REPO, '--cache-dir', str(cache)])

@@ -159,6 +159,7 @@ def _assert_same_run(out, reference):
 
 @pytest.mark.parametrize('sig, status, workers', [(signal.SIGTERM, 143, 0), (signal.SIGINT, 130, 1)],
                          ids=['SIGTERM', 'SIGINT'])
+@pytest.mark.slow
 def test_resume_after_a_signal_is_exact(sig, status, workers, tmp_path, reference, capsys):
     """SIGTERM (to the process) and Ctrl-C (SIGINT to the process group: the DataLoader worker gets it too) both
     save a checkpoint at the step where they land, print the resume command, and resuming reproduces the
@@ -423,6 +424,7 @@ def _ddp_reference(world, seeds=None):
     return loss.item(), _clipped(grads, norm, cfg.grad_clip), norm
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, capsys):
     """The real recipe, augmentation on: with 2 processes, rank r augments its half of the global batch with its
     own generator (seed * 1000 + r), so 2 processes and 1 draw different augmentations and their runs differ.

@@ -106,6 +106,7 @@ def _torchrun(args, timeout=240):
          'cpc_models.train', *args], env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_ddp_rank_without_readable_image_refills_and_no_rank_waits(tmp_path):
     """Two gloo processes: rank 1's whole first local batch is unreadable. Before, it skipped the step while rank 0
     waited for it in the step's collectives (a hang); now it refills and both ranks train every step."""
@@ -120,6 +121,7 @@ def test_ddp_rank_without_readable_image_refills_and_no_rank_waits(tmp_path):
     assert (out / 'checkpoints' / 'step_00000003').is_dir()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_stop_together_when_a_rank_finds_no_readable_image(tmp_path):
     """Two gloo processes: rank 1 finds no readable image in its batch nor in the 2 files after it. Both ranks stop
     at the next read with the one error line (printed once), nothing is saved, and no rank is left waiting."""
