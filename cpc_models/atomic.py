@@ -22,6 +22,26 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _file_mode() -> int:
+    """The mode ``open(path, 'w')`` gives a new file: 0o666 less the umask."""
+    try:  # Linux: read it without setting it (os.umask sets the umask of every thread)
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _finish(path: Path, mode: int) -> None:
+    """Flush ``path`` to disk with the usual permissions (safetensors creates its files 0o600, unreadable to the
+    group a shared checkpoint folder is for)."""
+    os.chmod(path, mode)
+    _fsync(path)
+
+
 @contextlib.contextmanager
 def atomic_file(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; it replaces ``path`` when the block succeeds.
@@ -36,7 +56,7 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     tmp = path.with_name(f'.{path.name}.tmp-{uuid.uuid4().hex[:8]}')
     try:
         yield tmp
-        _fsync(tmp)
+        _finish(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -67,9 +87,10 @@ def atomic_dir(path: PathLike, overwrite: bool = True, tmp_name: Optional[str] =
     tmp.mkdir()
     try:
         yield tmp
+        mode = _file_mode()
         for f in tmp.rglob('*'):
             if f.is_file():
-                _fsync(f)
+                _finish(f, mode)
         if path.exists():
             old = path.parent / f'.{path.name}.old-{uuid.uuid4().hex[:8]}'
             os.replace(path, old)

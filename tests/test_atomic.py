@@ -38,3 +38,27 @@ def test_atomic_dir(tmp_path):
             pass
     with atomic_dir(tmp_path / 'named', tmp_name='.partial_1') as tmp:
         assert tmp.name == '.partial_1'
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_files_get_the_usual_permissions(tmp_path, umask):
+    """safetensors creates its files 0o600; what the package writes gets the mode open() would give (0o666 less the
+    umask), so a checkpoint in a shared folder is readable by the group it is shared with."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / 'one.safetensors') as tmp:
+            save_file({'w': torch.zeros(2)}, str(tmp))
+        with atomic_dir(tmp_path / 'folder') as tmp:
+            save_file({'w': torch.zeros(2)}, str(tmp / 'model.safetensors'))
+            (tmp / 'config.json').write_text('{}')
+    finally:
+        os.umask(old)
+    for path in (tmp_path / 'one.safetensors', tmp_path / 'folder' / 'model.safetensors',
+                 tmp_path / 'folder' / 'config.json'):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
