@@ -22,6 +22,11 @@ test: .venv/.installed
 test-fast: .venv/.installed
 	$(PY) -m pytest -q -m "not slow"
 
+# Which lines of the package the fast tier runs in process (per module; subprocess runs are not counted).
+coverage-fast: .venv/.installed
+	$(PY) -m coverage run --data-file=.coverage-fast --source=cpc_models -m pytest -q -m "not slow"
+	$(PY) -m coverage report --data-file=.coverage-fast
+
 # timm's own tests/test_models.py (from the sdist of the installed timm version, downloaded from PyPI) on our models.
 timm-tests: .venv/.installed
 	PY=$(PY) bash tests/timm_suite.sh
@@ -37,4 +42,4 @@ mutation: .venv/.installed
 mutation-report: .venv/.installed
 	$(PY) tools/mutation.py report --check
 
-.PHONY: install demo test test-fast timm-tests mutation mutation-report
+.PHONY: install demo test test-fast coverage-fast timm-tests mutation mutation-report
