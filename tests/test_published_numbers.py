@@ -81,6 +81,14 @@ def test_readme_figure1_section_rows_come_from_its_results():
     sources = (ROOT / 'results' / 'fmnist_figure1' / 'table.md').read_text().splitlines()
     missing = [row for row in rows if row not in sources]
     assert not missing, missing
-    card = (ROOT / 'weights' / 'cpcv2_resnet_tiny.fmnist' / 'README.md').read_text()  # the card of that encoder
+    card = (ROOT / 'weights' / 'cpcv2_resnet_tiny_wide.fmnist' / 'README.md').read_text()  # the card of that encoder
+    card_section = card[card.index(begin):card.index(end)]
+    card_rows = [line for line in card_section.splitlines() if line.startswith('| ')]
+    assert len(card_rows) > 8 and [row for row in card_rows if row not in sources] == []
+
+
+def test_superseded_card_keeps_the_table_of_its_own_run():
+    sources = (ROOT / 'results' / 'fmnist_figure1_tiny' / 'table.md').read_text().splitlines()
+    card = (ROOT / 'weights' / 'cpcv2_resnet_tiny.fmnist' / 'README.md').read_text()
     card_rows = [line for line in card.split('## Evaluation', 1)[1].splitlines() if line.startswith('| ')]
     assert len(card_rows) > 8 and [row for row in card_rows if row not in sources] == []
