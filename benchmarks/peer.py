@@ -85,7 +85,9 @@ class BoltsLayerNormAct(nn.Module):
         return self.act(self.norm(x))
 
 
-def _bolts_norm_act(num_channels: int, eps: float = 1e-5) -> nn.Module:
+def _bolts_norm_act(num_channels: int, eps: float = 1e-5, device=None, dtype=None) -> nn.Module:
+    # device/dtype: the factory kwargs timm's blocks pass every norm layer; the LayerNorm is built on the first
+    # input's device (bolts' shapes are only known then)
     return BoltsLayerNormAct(num_channels, eps)
 
 

@@ -95,12 +95,13 @@ def test_compare_times_a_baseline_revision_and_checks_the_loss_curves(tmp_path):
 
 @pytest.mark.slow
 def test_peer_and_layout_smoke(tmp_path):
-    """benchmarks.peer (the norm part) and benchmarks.layout run and write their tables; numbers are not checked."""
-    _module(tmp_path, 'benchmarks.peer', '--parts', 'norm', '--rounds', '1', '--reps', '1', '--threads', '1',
-            '--batch', '1', '--out', str(tmp_path))
+    """benchmarks.peer (every part, with the bolts-like peer) and benchmarks.layout run and write their tables; numbers are not checked."""
+    _module(tmp_path, 'benchmarks.peer', '--parts', 'norm,encoder,step', '--rounds', '1', '--reps', '1',
+            '--threads', '1', '--batch', '1', '--out', str(tmp_path))
     doc = json.loads((tmp_path / 'peer_cpu.json').read_text())
     parts = {r['part'] for r in doc['rows']}
-    assert parts == {'norm_backward', 'norm_forward', 'norm_backward_vs_groupnorm'}
+    assert {'norm_backward', 'norm_forward', 'norm_backward_vs_groupnorm'} <= parts
+    assert any(p.startswith('encoder') for p in parts) and any(p.startswith('step') for p in parts), parts
     assert all(r['ratio']['median'] > 0 for r in doc['rows']) and 'target' in doc['rows'][0]
     _module(tmp_path, 'benchmarks.layout', '--kinds', 'inference', '--modes', 'base,cl', '--rounds', '1', '--reps',
             '1', '--threads', '1', '--infer-batch', '2', '--out', str(tmp_path))
