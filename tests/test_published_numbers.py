@@ -12,6 +12,7 @@ import timm
 import torch
 
 import cpc_models  # noqa: F401  (registers the architectures)
+from cpc_models.evaluate.report import SECTION
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / 'README.md').read_text()
@@ -73,18 +74,18 @@ def test_readme_pretraining_run_matches_its_log():
     assert f'({log[-1]["step"]:,} steps of 128 images' in README
 
 
+def _figure1_rows(markdown: str) -> list:
+    """The table rows between the markers `cpc-eval plot` writes its section between."""
+    section = markdown[markdown.index(SECTION[0]):markdown.index(SECTION[1])]
+    return [line for line in section.splitlines() if line.startswith('| ')]
+
+
 def test_readme_figure1_section_rows_come_from_its_results():
-    begin, end = '<!-- figure1:begin', '<!-- figure1:end -->'
-    section = README[README.index(begin):README.index(end)]
-    rows = [line for line in section.splitlines() if line.startswith('| ')]
-    assert len(rows) > 8
     sources = (ROOT / 'results' / 'fmnist_figure1' / 'table.md').read_text().splitlines()
-    missing = [row for row in rows if row not in sources]
-    assert not missing, missing
     card = (ROOT / 'weights' / 'cpcv2_resnet_tiny_wide.fmnist' / 'README.md').read_text()  # the card of that encoder
-    card_section = card[card.index(begin):card.index(end)]
-    card_rows = [line for line in card_section.splitlines() if line.startswith('| ')]
-    assert len(card_rows) > 8 and [row for row in card_rows if row not in sources] == []
+    for rows in (_figure1_rows(README), _figure1_rows(card)):
+        missing = [row for row in rows if row not in sources]
+        assert len(rows) > 8 and not missing, missing
 
 
 def test_superseded_card_keeps_the_table_of_its_own_run():
