@@ -2,6 +2,7 @@
 (one run at 100% for arms whose seed only draws the labels), resuming, merging split parts, the best CPC arm picked
 on the selection half, every target's PASS/MISS, the README/model-card section, and ``cpc-eval probe``."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -164,6 +165,13 @@ def test_figure1_resumes_merges_and_writes_the_readme_section(tmp_path, fmnist_d
     assert json.loads((out / 'results.json').read_text())['runs'] == res2b['runs']
     res3 = _run(out, fmnist_dir, '--arms', 'pixels_knn', '--fractions', '0.2', '--knn-k', '5', '--no-resume')
     assert len(res3['runs']) == 1 and res3['config']['knn_k'] == 5
+    # a setting no earlier run reads may change on resuming (the k-NN run ignores the probe's penalties); the file
+    # then records the new value
+    shutil.copytree(out, tmp_path / 'c')
+    res4 = _run(tmp_path / 'c', fmnist_dir, '--arms', 'pixels_linear', '--fractions', '0.2', '--knn-k', '5',
+                '--linear-wds', '0.01')
+    assert res4['runs'][0] == res3['runs'][0] and [r['arm'] for r in res4['runs']] == ['pixels_knn', 'pixels_linear']
+    assert res4['config']['linear_wds'] == [0.01] and res4['runs'][1]['config']['wd'] == 0.01
 
     # parts that split the fractions merge into one table; the section goes between the README markers
     part = tmp_path / 'b'
@@ -171,8 +179,17 @@ def test_figure1_resumes_merges_and_writes_the_readme_section(tmp_path, fmnist_d
     readme = tmp_path / 'README.md'
     readme.write_text('# Project\n')
     merged = tmp_path / 'merged'
-    assert main(['merge', str(merged), str(out), str(part)]) == 2  # out now holds the knn_k=5 run
-    assert 'knn_k' in capsys.readouterr().err
+    (tmp_path / 'a2b').mkdir()
+    (tmp_path / 'a2b' / 'results.json').write_text(json.dumps(res2b))  # pixels_linear and pixels_knn at k=20
+    assert main(['merge', str(merged), str(out), str(tmp_path / 'a2b')]) == 2  # out holds a k-NN run at k=5
+    assert "['knn_k']" in capsys.readouterr().err
+    # a part's runs of one arm only: its k-NN runs are left out, so k=5 and k=20 never meet in the table
+    assert main(['merge', str(merged), str(out), f'{tmp_path / "a2b"}:pixels_linear']) == 0
+    m = json.loads((merged / 'results.json').read_text())
+    assert sorted((r['arm'], r['fraction']) for r in m['runs']) == [
+        ('pixels_knn', 0.2), ('pixels_linear', 0.2), ('pixels_linear', 1.0)]
+    assert m['config']['knn_k'] == 5
+    capsys.readouterr()
     assert main(['merge', str(merged), str(part), str(part)]) == 2  # the same runs twice
     assert 'more than one part' in capsys.readouterr().err
     b = json.loads((part / 'results.json').read_text())

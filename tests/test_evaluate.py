@@ -208,6 +208,27 @@ def test_merge_results_of_parallel_parts():
         merge_results([a, a])
     with pytest.raises(ValueError, match="different settings: \\['split'\\]"):
         merge_results([a, dict(b, config=dict(b['config'], split='val'))])
+    # a setting only some arms read may differ between parts that did not both run such an arm
+    sup = dict(arm='supervised', fraction=0.02, seed=0, accuracy=0.7, n_labels=20, wall_s=1.0, cpu_s=1.0)
+    c = dict(config=dict(cfg, arms=['supervised'], supervised_args={'depth': 2}), runs=[sup], wall_s=5.0,
+             threads=1, timings={}, command='c')
+    assert merge_results([a, c])['config']['supervised_args'] == {'depth': 2}
+    d = dict(c, config=dict(c['config'], supervised_args={'depth': 1}, arms=['supervised', 'cpc_linear']),
+             runs=[dict(sup, fraction=0.01), dict(run, fraction=0.02)])
+    with pytest.raises(ValueError, match="\\['supervised_args'\\]"):
+        merge_results([d, c])
+    # taking only some arms of a part leaves its other runs, and the settings only they read, out of the merge
+    m = merge_results([d, c], take=[['cpc_linear'], None])
+    assert [(r['arm'], r['fraction']) for r in m['runs']] == [('cpc_linear', 0.02), ('supervised', 0.02)]
+    assert m['config']['supervised_args'] == {'depth': 2} and m['config']['arms'] == ['cpc_linear', 'supervised']
+    with pytest.raises(ValueError, match='part 0 gives no runs of arms'):
+        merge_results([d, c], take=[['scratch'], None])
+    # an arm registered without `reads` depends on every setting
+    from cpc_models.evaluate.figure1 import ARMS, _settings_differ
+    assert _settings_differ(dict(knn_k=5, split='test'), dict(knn_k=20, split='test'), ['pixels_linear']) == []
+    assert _settings_differ(dict(knn_k=5), dict(knn_k=20), ['cpc_knn']) == ['knn_k']
+    assert _settings_differ(dict(knn_k=5), dict(knn_k=20), ['an_unregistered_arm']) == ['knn_k']
+    assert ARMS['supervised'].reads is not None
 
 
 # ---------------- the arm registry ----------------

@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .. import config as C
 from ..checks import one_line
@@ -20,7 +20,8 @@ __all__ = ['main']
 USAGE = '''cpc-eval figure1 --checkpoint CKPT --out DIR [--KEY VALUE ...]   run the arms over fractions and seeds
 cpc-eval probe --checkpoint CKPT [--KEY VALUE ...]                val-split linear probe at 1% labels (pooled, grid)
 cpc-eval plot DIR [--readme MD] [--card MD]                       table.md and figure1.png again from results.json
-cpc-eval merge DIR PART [PART ...]                                merge figure1 outputs run as parallel parts'''
+cpc-eval merge DIR PART[:ARM,ARM] ...                             merge figure1 outputs run as parallel parts
+                                                                  (PART:ARMS takes only those arms' runs)'''
 
 
 def _read_results(folder: Path, command: str) -> Dict:
@@ -44,11 +45,13 @@ def _plot_or_merge(argv: List[str]) -> int:
     plot.add_argument('--card', type=Path, help='the same in a model card (the figure is copied beside it)')
     m = sub.add_parser('merge', help='one table from parts run in parallel')
     m.add_argument('out', type=Path, help='the folder to write the merged results.json, table.md, figure1.png to')
-    m.add_argument('parts', type=Path, nargs='+', help='figure1 output folders, each with results.json')
+    m.add_argument('parts', nargs='+', help='figure1 output folders, each with results.json; FOLDER:ARM,ARM takes '
+                                            'only the runs of those arms from it')
     args = p.parse_args(argv)
     try:
         if args.command == 'merge':
-            payload = merge_results([_read_results(part, 'merge') for part in args.parts])
+            parts = [_part(p) for p in args.parts]
+            payload = merge_results([_read_results(folder, 'merge') for folder, _ in parts], [t for _, t in parts])
             if args.out.exists() and not args.out.is_dir():
                 raise ValueError(f'{args.out} is a file; give a folder for the merged results')
             args.out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,17 @@ def _plot_or_merge(argv: List[str]) -> int:
         replace_section(args.card, section(payload, 'figure1.png'))
         (args.card.parent / 'figure1.png').write_bytes((args.out / 'figure1.png').read_bytes())
     return 0
+
+
+def _part(spec: str) -> Tuple[Path, Optional[List[str]]]:
+    """'FOLDER' or 'FOLDER:ARM,ARM' (a folder whose name has a ':' is taken whole)."""
+    if ':' not in spec or Path(spec).is_dir():
+        return Path(spec), None
+    folder, arms = spec.rsplit(':', 1)
+    names = [a for a in arms.split(',') if a]
+    if not names:
+        raise ValueError(f'{spec}: give the arms to take after the colon, e.g. {folder}:cpc_frozen,cpc_linear')
+    return Path(folder), names
 
 
 def _relative(path: Path, start: Path) -> str:

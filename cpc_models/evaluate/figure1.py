@@ -70,20 +70,33 @@ class Arm:
     cost: int  # arms run cheapest first, so that a run cut short still holds the cheap lines
     cpc: bool = False  # a CPC arm: a candidate for the best CPC arm of a fraction (picked on the selection half)
     seeded: bool = True  # False: the seed only draws the labelled subset, so at 100% one run stands for all seeds
+    # the EvalConfig settings only some arms read that this one does (names; a trailing '_' matches a prefix);
+    # None: it may read any (two results of it are comparable only if every setting is equal)
+    reads: Optional[Tuple[str, ...]] = None
 
 
 ARMS: Dict[str, Arm] = {}
 
 
+def _matches(key: str, read: str) -> bool:
+    return key == read or (read.endswith('_') and key.startswith(read))
+
+
 def register_arm(name: str, label: str, style: Dict, needs: Sequence[str] = (), cost: int = 0, cpc: bool = False,
-                 seeded: bool = True):
-    """Decorator: add an arm function to :data:`ARMS` (see the module docstring)."""
+                 seeded: bool = True, reads: Optional[Sequence[str]] = None):
+    """Decorator: add an arm function to :data:`ARMS` (see the module docstring). ``reads``: the arm-specific
+    settings it reads (see :class:`Arm`); the default, None, makes its results depend on every setting."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f'Unknown needs {sorted(unknown)}; choose from {NEEDS}.')
+    fields = C.to_dict(EvalConfig())
+    bad = [r for r in reads or () if not any(_matches(k, r) for k in fields)]
+    if bad:
+        raise ValueError(f'reads={bad} names no EvalConfig setting; give setting names or prefixes ending in "_".')
 
     def add(fn):
-        ARMS[name] = Arm(name, label, dict(style), frozenset(needs), fn, cost, cpc, seeded)
+        ARMS[name] = Arm(name, label, dict(style), frozenset(needs), fn, cost, cpc, seeded,
+                         None if reads is None else tuple(reads))
         return fn
     return add
 
@@ -161,57 +174,63 @@ def _end_to_end(inputs: ArmInputs, encoder: nn.Module, lr_scale: float, labelled
         aug=f'random crop pad {cfg.aug_pad} + hflip', eval_s=round(time.time() - t_eval, 2)))
 
 
+# what the built-in arms read beyond the settings every arm shares (encoder, data, split)
+_LINEAR, _KNN, _TRAINED = ('linear_',), ('knn_',), ('round_images', 'patience', 'lr_drops')
+
+
 @register_arm('pixels_linear', 'Pixels, linear probe', dict(color='black', marker='.', linestyle=':'),
-              needs=('pixels',), cost=0, seeded=False)
+              needs=('pixels',), cost=0, seeded=False, reads=_LINEAR)
 def pixels_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Raw pixels, standardized, softmax regression (L2 penalty picked on val): what features must beat."""
     return _linear(inputs, inputs.pixels, labelled, 'raw pixels')
 
 
 @register_arm('pixels_knn', 'Pixels, k-NN', dict(color='black', marker='x', linestyle=(0, (1, 3))),
-              needs=('pixels',), cost=0, seeded=False)
+              needs=('pixels',), cost=0, seeded=False, reads=_KNN)
 def pixels_knn(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Raw pixels, cosine k-NN."""
     return _knn(inputs, inputs.pixels, labelled, 'raw pixels')
 
 
 @register_arm('cpc_linear', 'CPC, linear probe (pooled)', dict(color='tab:blue', marker='o', linestyle='--'),
-              needs=('cpc_features',), cost=0, cpc=True, seeded=False)
+              needs=('cpc_features',), cost=0, cpc=True, seeded=False, reads=_LINEAR)
 def cpc_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Frozen CPC encoder, pooled features (what timm's num_classes=0 model returns), linear softmax classifier."""
     return _linear(inputs, inputs.cpc_features, labelled, 'mean-pooled grid')
 
 
 @register_arm('cpc_grid_linear', 'CPC, linear probe (grid)', dict(color='tab:cyan', marker='o', linestyle='--'),
-              needs=('cpc_grids',), cost=1, cpc=True, seeded=False)
+              needs=('cpc_grids',), cost=1, cpc=True, seeded=False, reads=_LINEAR)
 def cpc_grid_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Frozen CPC encoder, the whole latent grid flattened, linear softmax classifier."""
     return _linear(inputs, grid_features(inputs.cpc_features), labelled, 'latent grid, flattened')
 
 
 @register_arm('cpc_knn', 'CPC, k-NN (pooled)', dict(color='tab:blue', marker='x', linestyle=(0, (1, 3))),
-              needs=('cpc_features',), cost=0, cpc=True, seeded=False)
+              needs=('cpc_features',), cost=0, cpc=True, seeded=False, reads=_KNN)
 def cpc_knn(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Frozen CPC encoder, pooled features, cosine k-NN."""
     return _knn(inputs, inputs.cpc_features, labelled, 'mean-pooled grid')
 
 
 @register_arm('random_linear', 'Random encoder, linear probe (pooled)',
-              dict(color='tab:gray', marker='v', linestyle=':'), needs=('random_features',), cost=0, seeded=False)
+              dict(color='tab:gray', marker='v', linestyle=':'), needs=('random_features',), cost=0, seeded=False,
+              reads=_LINEAR)
 def random_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Randomly initialized encoder, linear probe as cpc_linear: the floor of what pretraining adds."""
     return _linear(inputs, inputs.random_features, labelled, 'mean-pooled grid of a random encoder')
 
 
 @register_arm('random_grid_linear', 'Random encoder, linear probe (grid)',
-              dict(color='silver', marker='v', linestyle=':'), needs=('random_grids',), cost=1, seeded=False)
+              dict(color='silver', marker='v', linestyle=':'), needs=('random_grids',), cost=1, seeded=False,
+              reads=_LINEAR)
 def random_grid_linear(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Randomly initialized encoder, linear probe on the flattened grid as cpc_grid_linear."""
     return _linear(inputs, grid_features(inputs.random_features), labelled, 'latent grid of a random encoder')
 
 
 @register_arm('cpc_frozen', 'CPC (frozen) + GridClassifier', dict(color='tab:blue', marker='s'),
-              needs=('cpc_encoder', 'cpc_grids'), cost=2, cpc=True)
+              needs=('cpc_encoder', 'cpc_grids'), cost=2, cpc=True, reads=(*_TRAINED, 'classifier_', 'frozen_'))
 def cpc_frozen(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Frozen CPC encoder, latent grids extracted once, GridClassifier trained on them until val stops improving."""
     cfg, data, feats = inputs.cfg, inputs.data, inputs.cpc_features
@@ -226,7 +245,8 @@ def cpc_frozen(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) 
 
 
 @register_arm('cpc_finetune', 'CPC fine-tuned + GridClassifier', dict(color='tab:purple', marker='D'),
-              needs=('cpc_encoder',), cost=4, cpc=True)
+              needs=('cpc_encoder',), cost=4, cpc=True,
+              reads=(*_TRAINED, 'classifier_', 'e2e_', 'aug_pad', 'finetune_encoder_lr_scale'))
 def cpc_finetune(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """CPC encoder + GridClassifier trained end to end (encoder LR scaled down); works on a copy of the encoder."""
     torch.manual_seed(seed)
@@ -235,14 +255,15 @@ def cpc_finetune(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str
 
 
 @register_arm('scratch', 'Patch-grid encoder from scratch + GridClassifier', dict(color='tab:orange', marker='^'),
-              cost=5)
+              cost=5, reads=(*_TRAINED, 'classifier_', 'e2e_', 'aug_pad'))
 def scratch(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """Randomly initialized CPC encoder (patch grid) + GridClassifier trained end to end with crop/flip."""
     torch.manual_seed(seed)
     return _end_to_end(inputs, create_encoder(inputs.model, inputs.model_args), 1.0, labelled, seed, desc)
 
 
-@register_arm('supervised', 'Supervised CNN (whole image)', dict(color='tab:red', marker='^', linewidth=2), cost=3)
+@register_arm('supervised', 'Supervised CNN (whole image)', dict(color='tab:red', marker='^', linewidth=2), cost=3,
+              reads=(*_TRAINED, 'supervised_', 'aug_pad'))
 def supervised(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
     """The supervised baseline: a whole-image CNN (``supervised_model``) from random init, crop/flip augmentation,
     trained until the validation accuracy stops improving."""
@@ -390,16 +411,33 @@ def plan_runs(cfg: EvalConfig) -> List[Tuple[str, float, int]]:
 _MERGE_FREE = ('arms', 'fractions', 'arm_fractions', 'seeds', 'threads', 'progress', 'out', 'resume')
 
 
-def _settings_differ(a: Dict, b: Dict) -> List[str]:
-    a = {k: v for k, v in a.items() if k not in _MERGE_FREE}
-    b = {k: v for k, v in b.items() if k not in _MERGE_FREE}
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+def _arm_reads(arm: str, config: Dict) -> Optional[set]:
+    """The settings of ``config`` that only some arms read and ``arm`` does; None: every setting (unknown arm)."""
+    reads = ARMS[arm].reads if arm in ARMS else None
+    return None if reads is None else {k for k in config if any(_matches(k, r) for r in reads)}
+
+
+def _relevant(config: Dict, arms) -> set:
+    """The settings that results of ``arms`` depend on: those every arm shares plus those these arms read."""
+    keys = set(config) - set(_MERGE_FREE)
+    some = set().union(*(_arm_reads(a, config) or set() for a in ARMS))  # read by some arms only
+    out = keys - some
+    for arm in arms:
+        reads = _arm_reads(arm, config)
+        out |= keys if reads is None else reads
+    return out
+
+
+def _settings_differ(a: Dict, b: Dict, arms) -> List[str]:
+    """The settings that results of ``arms`` depend on and in which configs ``a`` and ``b`` differ."""
+    keys = _relevant(a, arms) | _relevant(b, arms)
+    return sorted(k for k in keys if a.get(k) != b.get(k))
 
 
 def _resumed_runs(cfg: EvalConfig, out: Optional[Path]) -> Tuple[Dict, float]:
     """``out/results.json`` when resuming (else an empty payload) and that file's wall time. Every finished run of
     it is kept, also of arms, fractions and seeds this config does not ask for (a run split over several commands
-    into one folder); its settings must be this config's."""
+    into one folder); the settings its runs read must be this config's (the file then records this config)."""
     path = None if out is None else out / 'results.json'
     if not cfg.resume or path is None or not path.is_file():
         return dict(config={}, runs=[]), 0.0
@@ -407,7 +445,7 @@ def _resumed_runs(cfg: EvalConfig, out: Optional[Path]) -> Tuple[Dict, float]:
         old = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise EvalInputError(f'{path} is not valid JSON ({e}); delete it or pass --no-resume to start over') from None
-    diff = _settings_differ(old['config'], C.to_dict(cfg))
+    diff = _settings_differ(old['config'], C.to_dict(cfg), {r['arm'] for r in old['runs']})
     if diff:
         raise EvalInputError(f'{path} was made with other settings ({", ".join(diff)}); give another --out, delete '
                              f'it, or pass --no-resume to start over')
@@ -489,33 +527,50 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
     return payload
 
 
-def merge_results(parts: Sequence[Dict]) -> Dict:
-    """One payload from figure1 payloads of the same evaluation split across processes (disjoint arms).
+def merge_results(parts: Sequence[Dict], take: Optional[Sequence[Optional[Sequence[str]]]] = None) -> Dict:
+    """One payload from figure1 payloads of the same evaluation split across processes.
 
-    Raises ValueError if the parts differ in anything but the runs they did (arms, fractions, seeds) and threads, or
-    repeat an (arm, fraction, seed).
+    ``take[i]``: the arms whose runs to take from part i (None: all). Raises ValueError if parts differ in a setting
+    that the runs taken from them read (arms, fractions, seeds and threads may differ; so may, say, the supervised
+    baseline's settings between a part that ran it and one that did not), repeat an (arm, fraction, seed), or a
+    part gives no runs.
     """
-    base = parts[0]
+    take = list(take) if take is not None else [None] * len(parts)
+    if len(take) != len(parts):
+        raise ValueError(f'take: one entry per part ({len(parts)}), got {len(take)}')
+    parts = [dict(p, runs=[r for r in p['runs'] if t is None or r['arm'] in t]) for p, t in zip(parts, take)]
+    for i, (part, t) in enumerate(zip(parts, take)):
+        if not part['runs']:
+            has = sorted({r['arm'] for r in parts[i]['runs']})
+            raise ValueError(f'part {i} gives no runs' + (f' of arms {list(t)}' if t is not None else '')
+                             + '; take arms it has run' + (f' ({", ".join(has)})' if has else ''))
+    ran = [{r['arm'] for r in p['runs']} for p in parts]
+    config = dict(parts[0]['config'])
+    readers: Dict[str, int] = {}  # setting -> first part whose runs read it
+    for i, part in enumerate(parts):
+        for key in sorted(_relevant(part['config'], ran[i])):
+            j = readers.setdefault(key, i)
+            if parts[j]['config'].get(key) != part['config'].get(key):
+                raise ValueError(f"cannot merge evaluations with different settings: ['{key}'] (part {j}: "
+                                 f"{parts[j]['config'].get(key)!r}, part {i}: {part['config'].get(key)!r}, read "
+                                 f"by the runs of {', '.join(sorted(ran[i]))})")
+            config[key] = part['config'].get(key)
     runs, seen, arms = [], set(), []
     for part in parts:
-        diff = _settings_differ(base['config'], part['config'])
-        if diff:
-            raise ValueError(f'cannot merge evaluations with different settings: {diff}')
         for r in part['runs']:
             key = (r['arm'], r['fraction'], r['seed'])
             if key in seen:
                 raise ValueError(f'run {key} appears in more than one part')
             seen.add(key)
             runs.append(r)
-        ran = {r['arm'] for r in part['runs']}
-        arms += [a for a in part['config']['arms'] if a in ran and a not in arms]
+        arms += [a for a in part['config']['arms'] if a in {r['arm'] for r in part['runs']} and a not in arms]
     timings = {}
     for i, part in enumerate(parts):
         timings[f'part{i}'] = dict(arms=sorted({r['arm'] for r in part['runs']}), wall_s=part.get('wall_s'),
                                    threads=part.get('threads'), **part.get('timings', {}))
     fractions = sorted({f for p in parts for f in p['config'].get('fractions', ())})
     seeds = sorted({s for p in parts for s in p['config'].get('seeds', ())})
-    return dict(base, config=dict(base['config'], arms=arms, fractions=fractions, seeds=seeds), runs=runs,
+    return dict(parts[0], config=dict(config, arms=arms, fractions=fractions, seeds=seeds), runs=runs,
                 timings=timings,
                 wall_s=max(p.get('wall_s') or 0 for p in parts), threads=sum(p.get('threads') or 0 for p in parts),
                 command=' ; '.join(p.get('command', '') for p in parts))
