@@ -21,19 +21,10 @@ import torch
 from torch.utils import benchmark
 
 from cpc_models.atomic import write_text
+from cpc_models.runtime import cpu_model  # the benchmarks import it from here
 
 RESULTS = Path(__file__).resolve().parent / 'results'  # the committed tables (README.md, docs/benchmarks.md quote them)
 RUNS = Path(__file__).resolve().parent.parent / 'runs' / 'benchmarks'  # fresh output folders (git-ignored)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 def machine_info(device: torch.device, threads: int) -> Dict:

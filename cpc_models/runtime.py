@@ -14,14 +14,17 @@ A setting is ``True``/``False`` or ``'auto'`` (:data:`Switch`); :func:`resolve` 
 """
 import contextlib
 import functools
+import platform
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator, Literal, Union
 
 import torch
 import torch.nn as nn
 
 __all__ = ['Switch', 'AUTO', 'CPU_CHANNELS_LAST', 'COMPILE_MIN_STEPS', 'COMPILE_MIN_IMAGES', 'resolve',
-           'channels_last_default', 'compile_default', 'compile_with_fallback', 'compile_method', 'compiled_method']
+           'channels_last_default', 'compile_default', 'compile_with_fallback', 'compile_method', 'compiled_method',
+           'cpu_model']
 
 Kind = Literal['train', 'inference']
 
@@ -44,6 +47,17 @@ def resolve(setting: Switch, default: bool) -> bool:
     if setting != AUTO:
         raise ValueError(f"Expected True, False or 'auto', got {setting!r}.")
     return default
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; else platform's answer): what benchmarks and model cards record."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or 'unknown CPU'
 
 
 def _device_type(device) -> str:

@@ -1,6 +1,7 @@
 """cpc_models.runtime: the per-device defaults and torch.compile with its eager fallback; the hot path of a training
 step (encoder trunk, patch encoding, objective) traces into one graph each, without graph breaks."""
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -128,3 +129,10 @@ def test_compiled_training_step_matches_eager():
     assert eager_losses == pytest.approx(comp_losses, rel=1e-4)
     for a, b in zip(eager_params, comp_params):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_cpu_model_names_this_machines_cpu():
+    names = [line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
+             if line.startswith('model name')] if Path('/proc/cpuinfo').is_file() else []
+    name = runtime.cpu_model()
+    assert name and (name == names[0] if names else True)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import tomllib
 
+from cpc_models.runtime import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / 'tools' / 'mutation.toml'
 WORK = ROOT / '.mutation'
@@ -138,16 +140,6 @@ def _mutant_changes(work: Path, module: str, names: list[str]) -> dict[str, list
     return changes
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(names: list[str], jobs: int, keep: bool, survivors: bool) -> None:
     cfg = _config()
     modules, settings = cfg['modules'], cfg.get('mutmut', {})
@@ -176,7 +168,7 @@ def run(names: list[str], jobs: int, keep: bool, survivors: bool) -> None:
             'module': module, 'tests': modules[module], 'functions': cfg.get('functions', {}).get(module, []),
             'mutants': len(statuses), 'counts': counts,
             'score': sum(counts.get(s, 0) for s in DETECTED) / max(len(statuses), 1),
-            'runs': runs, 'jobs': jobs, 'cpu': _cpu_model(), 'cpu_count': os.cpu_count(),
+            'runs': runs, 'jobs': jobs, 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
             'versions': {p: version(p) for p in ('mutmut', 'torch', 'torchvision', 'timm')},
             'python': platform.python_version(), 'statuses': statuses, 'survivors': survivors,
         }

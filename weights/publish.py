@@ -8,7 +8,6 @@ tests/test_published.py compares against after loading through timm.
 """
 import argparse
 import json
-import platform
 import subprocess
 from pathlib import Path
 
@@ -21,15 +20,9 @@ from cpc_models.demo import load_sample
 from cpc_models.evaluate.figure1 import section
 from cpc_models.evaluate.report import SECTION
 from cpc_models.hub import export_checkpoint
+from cpc_models.runtime import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cpu_name() -> str:
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-        if line.startswith('model name'):
-            return line.split(':', 1)[1].strip()
-    return platform.processor() or 'unknown CPU'
 
 
 def main() -> None:
@@ -38,7 +31,7 @@ def main() -> None:
     p.add_argument('--eval', default='', help='cpc-eval figure1 output folder (its results go into the card)')
     p.add_argument('--out', required=True, help='weights/<arch>.<tag>')
     p.add_argument('--tag', required=True)
-    p.add_argument('--hardware', default=f'{_cpu_name()}, 2 cores (shared), no GPU')
+    p.add_argument('--hardware', default=f'{cpu_model()}, 2 cores (shared), no GPU')
     p.add_argument('--note', default='', help='extra text for the Training section of the card')
     args = p.parse_args()
 
