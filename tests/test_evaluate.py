@@ -229,6 +229,10 @@ def test_merge_results_of_parallel_parts():
     assert _settings_differ(dict(knn_k=5), dict(knn_k=20), ['cpc_knn']) == ['knn_k']
     assert _settings_differ(dict(knn_k=5), dict(knn_k=20), ['an_unregistered_arm']) == ['knn_k']
     assert ARMS['supervised'].reads is not None
+    from cpc_models.evaluate import register_arm
+    with pytest.raises(ValueError, match='names no EvalConfig setting'):
+        register_arm('a_new_arm', 'A new arm', {}, reads=('knn_k', 'no_such_setting'))
+    assert 'a_new_arm' not in ARMS
 
 
 # ---------------- the arm registry ----------------
