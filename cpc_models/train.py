@@ -91,6 +91,8 @@ class TrainConfig:
     # ---- runtime ----
     device: str = 'auto'  # auto = cuda if available
     bf16: bool = True  # autocast on CUDA
+    # bf16 autocast on the CPU too: opt-in, it rounds (docs/benchmarks.md: 1.7-1.8x the fp32 step on AVX512-BF16)
+    bf16_cpu: bool = False
     # NHWC model and patches; auto = on CUDA, on the CPU as measured faster (cpc_models/runtime.py)
     channels_last: Switch = 'auto'
     # torch.compile the encoder trunk and the objective (eager if compiling fails); auto = on for CUDA runs of at
@@ -249,6 +251,11 @@ def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     return resolve(cfg.channels_last, channels_last_default(device, 'train'))
 
 
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast: on CUDA with ``bf16``, on the CPU with ``bf16_cpu``; fp32 elsewhere."""
+    return (cfg.bf16 and device.type == 'cuda') or (cfg.bf16_cpu and device.type == 'cpu')
+
+
 def use_compile(cfg: TrainConfig, device: torch.device, total_steps: int) -> bool:
     """The config's ``compile``, with ``auto`` resolved: on for runs long enough on a device where it pays."""
     return resolve(cfg.compile, compile_default(device, 'train', total_steps))
@@ -299,7 +306,7 @@ class StepSetup:
     mean: torch.Tensor  # (1, C, 1, 1), the encoder's normalization, on the device
     std: torch.Tensor
     channels_last: bool
-    bf16: bool  # bf16 autocast (CUDA only)
+    bf16: bool  # bf16 autocast
     grad_clip: float  # max global grad norm; 0 = off
 
 
@@ -310,8 +317,7 @@ def build_step_setup(cfg: TrainConfig, encoder: nn.Module, device: torch.device,
         generator=torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank),
         mean=torch.tensor(data_cfg['mean'], device=device).view(1, -1, 1, 1),
         std=torch.tensor(data_cfg['std'], device=device).view(1, -1, 1, 1),
-        channels_last=use_channels_last(cfg, device), bf16=cfg.bf16 and device.type == 'cuda',
-        grad_clip=cfg.grad_clip)
+        channels_last=use_channels_last(cfg, device), bf16=use_bf16(cfg, device), grad_clip=cfg.grad_clip)
 
 
 def train_step(model: nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, setup: StepSetup,
@@ -541,6 +547,9 @@ def train(cfg: TrainConfig) -> Dict:
               f'{encoder.patch_size}px patches; {world} process(es); {total_steps} steps on {device}')
         print(f'runtime: channels_last {setup.channels_last}, bf16 autocast {setup.bf16}, torch.compile {compiled} '
               f'(config: channels_last={cfg.channels_last}, compile={cfg.compile})')
+        if setup.bf16 and device.type == 'cpu' and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            print('warning: --bf16-cpu on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates it, '
+                  'which is usually slower than fp32; drop --bf16-cpu', file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_partial(out_dir)
 

@@ -745,3 +745,15 @@ def test_export_checkpoint_loads_through_hub(short_run, tmp_path, monkeypatch):
         assert state.keys() == expected.keys()
         for k, v in expected.items():
             assert torch.equal(state[k], v), k
+
+
+def test_bf16_autocast_on_cuda_by_default_and_on_the_cpu_on_request():
+    cfg = train.preset_config()
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert train.use_bf16(cfg, cuda) and not train.use_bf16(cfg, cpu)  # fp32 on the CPU unless asked
+    assert not train.use_bf16(dataclasses.replace(cfg, bf16=False), cuda)
+    asked = train.build_config(['--bf16-cpu'])
+    assert train.use_bf16(asked, cpu) and not train.use_bf16(asked, torch.device('meta'))
+    model = train.build_model(asked, cpu)
+    assert train.build_step_setup(asked, model.encoder, cpu).bf16
+    assert not train.build_step_setup(cfg, model.encoder, cpu).bf16
