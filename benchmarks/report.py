@@ -20,6 +20,7 @@ from cpc_models.atomic import write_text
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'benchmarks' / 'results'
 COMPARE = RESULTS / 'compare_a58a1bb_cpu.json'
+COMPARE_BF16 = RESULTS / 'compare_a58a1bb_cpu_bf16.json'  # the same with cpc-train --bf16-cpu (opt-in)
 PEER = RESULTS / 'peer_cpu.json'
 LAYOUT = RESULTS / 'layout_cpu.json'
 RUN = RESULTS / 'cpu.json'
@@ -62,16 +63,18 @@ def targets_table() -> str:
     cmp_doc, peer_doc = _load(COMPARE), _load(PEER)
     lines = ['| target | torch threads | result: speed-up median (min-max) | CPU-time ratio | verdict |',
              '|---|---:|---|---|---|']
-    for t in cmp_doc['timing']:
-        lines.append(f"| `fmnist_tiny` pretraining step >= {t['target']:g}x the images/s of "
-                     f"`{cmp_doc['config']['against']}` | {t['threads']} | {_fmt(t['ratio'])} | "
-                     f"{_fmt(t['cpu_ratio'])} | **{'PASS' if t['passed'] else 'MISS'}** |")
-    loss = cmp_doc.get('loss')
-    if loss:
-        lines.append(f"| the same loss curve over {loss['steps']} steps (relative tolerance {loss['rtol']:g}) | 1 | "
-                     f"largest relative difference {loss['max_rel_diff']:.1e} (the baseline vs itself with "
-                     f"`{' '.join(loss.get('reference_args', []))}`: {loss.get('reference_max_rel_diff', 0):.1e}) | "
-                     f"| **{'PASS' if loss['passed'] else 'MISS'}** |")
+    docs = [(cmp_doc, '')] + ([(_load(COMPARE_BF16), ', with `--bf16-cpu` (opt-in)')] if COMPARE_BF16.is_file() else [])
+    for doc, how in docs:
+        for t in doc['timing']:
+            lines.append(f"| `fmnist_tiny` pretraining step{how} >= {t['target']:g}x the images/s of "
+                         f"`{doc['config']['against']}` | {t['threads']} | {_fmt(t['ratio'])} | "
+                         f"{_fmt(t['cpu_ratio'])} | **{'PASS' if t['passed'] else 'MISS'}** |")
+        loss = doc.get('loss')
+        if loss:
+            lines.append(f"| the same loss curve{how} over {loss['steps']} steps (relative tolerance "
+                         f"{loss['rtol']:g}) | 1 | largest relative difference {loss['max_rel_diff']:.1e} (the baseline "
+                         f"vs itself with `{' '.join(loss.get('reference_args', []))}`: "
+                         f"{loss.get('reference_max_rel_diff', 0):.1e}) | | **{'PASS' if loss['passed'] else 'MISS'}** |")
     for r in peer_doc['rows']:
         if 'target' in r:
             lines.append(f"| {peer.PART_TEXT[r['part']]} >= {r['target']:g}x {r['against']} | {r['threads']} | "
