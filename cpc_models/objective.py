@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .context import MaskedContextNet
 from .distributed import gather_with_grad, rank, world_size
 
-__all__ = ['DIRECTIONS', 'CPCObjective', 'ObjectiveConfig', 'ObjectiveOutput', 'from_frame', 'to_frame']
+__all__ = ['DIRECTIONS', 'CPCObjective', 'ObjectiveConfig', 'ObjectiveOutput', 'from_frame', 'info_nce', 'to_frame']
 
 # Prediction directions, in the order directions=1, 2, 4 switches them on. 'down' = context from the rows
 # above predicts rows below (top-to-bottom, the paper's original task).
@@ -52,6 +52,37 @@ def from_frame(x: torch.Tensor, direction: str) -> torch.Tensor:
     if direction == 'left':
         return x.flip(-2).transpose(-2, -1)
     raise ValueError(f'Unknown direction {direction!r}; use one of {DIRECTIONS}.')
+
+
+class _InfoNCE(torch.autograd.Function):
+    """Row-wise cross-entropy and top-1 hits from one max, one exp-sum and (backward) one scaled softmax pass."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
+        top, best = logits.max(1)  # the row maxima and their first indices (argmax) in one pass
+        e = (logits - top[:, None]).exp_()
+        s = e.sum(1)
+        ce = top + s.log() - logits.gather(1, labels[:, None]).squeeze(1)
+        hit = best == labels
+        ctx.mark_non_differentiable(hit)
+        ctx.save_for_backward(e, s, labels)
+        return ce, hit
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor, grad_hit: torch.Tensor):
+        e, s, labels = ctx.saved_tensors
+        grad = e * (grad_ce / s)[:, None]  # softmax * grad; not in place: a retained graph may run backward again
+        return grad.scatter_add_(1, labels[:, None], -grad_ce[:, None]), None
+
+
+def info_nce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE terms of every anchor: logits (A, N) float, labels (A,) int64 -> (cross-entropy (A,), hit (A,) bool).
+
+    ``F.cross_entropy(logits, labels, reduction='none')`` and ``logits.argmax(1) == labels``, in fewer passes over
+    the (A, N) logits, the objective's largest tensor: log_softmax, nll, argmax and their backward read or write it
+    about ten times, this six (max, exp, sum; one scaled copy in backward).
+    """
+    return _InfoNCE.apply(logits, labels)
 
 
 class ObjectiveOutput(NamedTuple):
@@ -241,8 +272,8 @@ class CPCObjective(nn.Module):
                     sizes.append(preds[-1].shape[0])
             logits = torch.cat(preds) @ targets.t()  # (anchors, candidates), one matmul for all tasks
             labels = torch.cat(labels)
-            ce = F.cross_entropy(logits, labels, reduction='none')
-            correct = (logits.detach().argmax(1) == labels).float()
+            ce, hit = info_nce(logits, labels)
+            correct = hit.float()
             task_loss = torch.stack([x.mean() for x in ce.split(sizes)])
             task_acc = torch.stack([x.mean() for x in correct.split(sizes)])
         metrics = {f'acc/{name}': acc for name, acc in zip(names, task_acc, strict=True)}

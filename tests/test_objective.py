@@ -369,3 +369,32 @@ def test_single_image_batch_warns_once(monkeypatch):
     assert warnings_of(2) == []
     assert warnings_of(1) == [(UserWarning, SINGLE_IMAGE_WARNING)]
     assert warnings_of(1) == []  # once per process
+
+
+def test_info_nce_matches_a_naive_loop_and_its_gradient_is_exact():
+    """info_nce against the definition, row by row in float64: -log softmax(row)[label] and whether the row's first
+    largest logit is the label's; its backward against numerical derivatives (gradcheck); a retained graph runs its
+    backward twice with the same result."""
+    torch.manual_seed(0)
+    logits = torch.randn(7, 11, dtype=torch.float64) * 4
+    logits[2] = 1.5  # a tie: the first index is the argmax, as logits.argmax(1) says
+    labels = torch.tensor([0, 3, 0, 10, 5, 5, 1])
+    labels[4] = int(logits[4].argmax())  # at least one hit besides the tie
+    ce, hit = objective.info_nce(logits, labels)
+    for i in range(len(labels)):
+        row = logits[i]
+        expected = -(row[labels[i]] - torch.log(torch.exp(row - row.max()).sum()) - row.max())
+        assert ce[i].item() == pytest.approx(expected.item(), rel=1e-12)
+        first_max = next(j for j in range(len(row)) if row[j] == row.max())
+        assert bool(hit[i]) == (first_max == labels[i])
+    assert hit[2] and hit[4]
+    assert torch.autograd.gradcheck(lambda x: objective.info_nce(x, labels)[0], logits.clone().requires_grad_())
+    x = logits.clone().requires_grad_()
+    loss = (objective.info_nce(x, labels)[0] * torch.arange(1.0, 8.0, dtype=torch.float64)).sum()
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2)
+    x32 = logits.float().requires_grad_()
+    ce32, hit32 = objective.info_nce(x32, labels)
+    ref = torch.nn.functional.cross_entropy(x32, labels, reduction='none')
+    assert torch.allclose(ce32, ref, rtol=1e-6, atol=1e-6) and torch.equal(hit32, x32.argmax(1) == labels)
