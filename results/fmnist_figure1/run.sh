@@ -12,7 +12,8 @@ A='--checkpoint cpcv2_resnet_tiny_wide.fmnist --split test --threads 1 --progres
 
 lane1() {
   $E figure1 $A --out results/fig1_e --arms supervised --fractions 0.01,0.02,0.04,0.05,0.1,0.2
-  $E figure1 $A --out results/fig1_e --arms supervised --fractions 0.5 --seeds 0,1
+  $E figure1 $A --out results/fig1_e --arms supervised --fractions 0.5 --seeds 0
+  $E figure1 $A --out results/fig1_h --arms supervised --fractions 1 --seeds 2
   $E figure1 $A --out results/fig1_a --arms cpc_frozen --arm-fractions '{"cpc_frozen": [0.01, 0.02, 0.04]}'
 }
 lane2() {
@@ -20,11 +21,12 @@ lane2() {
       --arms pixels_linear,pixels_knn,random_linear,random_grid_linear,cpc_linear,cpc_grid_linear,cpc_knn,cpc_finetune \
       --arm-fractions '{"cpc_finetune": [0.01], "cpc_grid_linear": [0.01, 0.02, 0.04, 0.05, 0.1, 0.2], "random_grid_linear": [0.01]}'
   $E figure1 $A --out results/fig1_c --arms cpc_frozen --arm-fractions '{"cpc_frozen": [0.05, 0.1, 0.2]}'
-  $E figure1 $A --out results/fig1_f --arms supervised --fractions 1
-  $E figure1 $A --out results/fig1_g --arms supervised --fractions 0.5 --seeds 2
+  $E figure1 $A --out results/fig1_f --arms supervised --fractions 1 --seeds 0,1
+  $E figure1 $A --out results/fig1_g --arms supervised --fractions 0.5 --seeds 1,2
 }
 lane1 > results/fig1_lane1.log 2>&1 & one=$!
 lane2 > results/fig1_lane2.log 2>&1 & two=$!
 wait $one && wait $two
-$E merge results/fmnist_figure1 results/fig1_a results/fig1_b results/fig1_c results/fig1_e results/fig1_f results/fig1_g
+$E merge results/fmnist_figure1 results/fig1_a results/fig1_b results/fig1_c results/fig1_e results/fig1_f results/fig1_g \
+    results/fig1_h
 $E plot results/fmnist_figure1 --readme README.md --card weights/cpcv2_resnet_tiny_wide.fmnist/README.md
