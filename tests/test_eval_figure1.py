@@ -202,6 +202,7 @@ def test_figure1_resumes_merges_and_writes_the_readme_section(tmp_path, fmnist_d
     text = readme.read_text()
     assert text.startswith('# Project\n') and SECTION[0] in text and '| 20% | 50% | 100% |' in text
     assert '![Figure 1](merged/figure1.png)' in text and '| target | status | detail |' in text
+    assert 'hours of wall time summed over the runs, in 2 parts of 1 thread(s) each' in text
 
 
 @pytest.mark.slow

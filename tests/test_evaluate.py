@@ -221,6 +221,10 @@ def test_merge_results_of_parallel_parts():
     m = merge_results([d, c], take=[['cpc_linear'], None])
     assert [(r['arm'], r['fraction']) for r in m['runs']] == [('cpc_linear', 0.02), ('supervised', 0.02)]
     assert m['config']['supervised_args'] == {'depth': 2} and m['config']['arms'] == ['cpc_linear', 'supervised']
+    # the merged record names the encoder of the part that loaded one, whichever part comes first
+    enc = dict(kind='published', name='cpcv2_resnet_tiny.fmnist')
+    m = merge_results([dict(c, checkpoint=dict(kind='none')), dict(d, checkpoint=enc)], take=[None, ['cpc_linear']])
+    assert m['checkpoint'] == enc
     with pytest.raises(ValueError, match='part 0 gives no runs of arms'):
         merge_results([d, c], take=[['scratch'], None])
     # an arm registered without `reads` depends on every setting

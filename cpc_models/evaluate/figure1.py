@@ -570,7 +570,11 @@ def merge_results(parts: Sequence[Dict], take: Optional[Sequence[Optional[Sequen
                                    threads=part.get('threads'), **part.get('timings', {}))
     fractions = sorted({f for p in parts for f in p['config'].get('fractions', ())})
     seeds = sorted({s for p in parts for s in p['config'].get('seeds', ())})
+    # the encoder evaluated: a part that ran only arms without it (pixels, supervised) records kind 'none'
+    checkpoint = next((p['checkpoint'] for p in parts if p.get('checkpoint', {}).get('kind', 'none') != 'none'),
+                      parts[0].get('checkpoint'))
     return dict(parts[0], config=dict(config, arms=arms, fractions=fractions, seeds=seeds), runs=runs,
+                checkpoint=checkpoint,
                 timings=timings,
                 wall_s=max(p.get('wall_s') or 0 for p in parts), threads=sum(p.get('threads') or 0 for p in parts),
                 command=' ; '.join(p.get('command', '') for p in parts))

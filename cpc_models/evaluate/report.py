@@ -231,8 +231,7 @@ def format_section(payload: Dict, labels: Dict[str, str], cpc_arms: Sequence[str
     payload['best_cpc'] = {str(f): a for f, a in best.items()}
     payload['targets'] = targets = check_targets(summary, best)
     wall = payload.get('wall_s')
-    parts = 'longest of the parallel parts' if any(k.startswith('part') for k in payload.get('timings', {})) \
-        else 'whole command'
+    parts = [t for k, t in payload.get('timings', {}).items() if k.startswith('part')]
     md = [f'{heading} Fashion-MNIST, {split} accuracy (%) against labelled fraction, mean ± std over seeds', '',
           f'Encoder: {_title(payload)}. Labelled pool: {payload.get("n_pool")} images (train minus '
           f'{payload["config"]["val_size"]} val: half tunes each arm, half picks the best CPC arm); '
@@ -245,9 +244,16 @@ def format_section(payload: Dict, labels: Dict[str, str], cpc_arms: Sequence[str
         md += ['', f'{heading}# Trained arms: epochs and compute (each run stops when val accuracy stops improving)',
                '', training]
     cpu_total = sum(r.get('cpu_s', 0.0) for r in payload['runs'])
-    md += ['', f'{heading}# Cost', '', format_cost(payload, labels), '',
-           (f"Wall time of the {parts}: {'?' if wall is None else f'{wall / 60:.1f} min'}; runs: "
-            f"{cpu_total / 3600:.2f} CPU-hours ({payload.get('threads')} threads, {payload.get('host', '')})."),
+    run_wall = sum(r.get('wall_s', 0.0) for r in payload['runs'])
+    if parts:  # merged: how the parts shared the machine is the commands' (e.g. lanes of a script), not known here
+        threads = sorted({p.get('threads') for p in parts if p.get('threads') is not None})
+        cost = (f"Runs: {cpu_total / 3600:.2f} CPU-hours, {run_wall / 3600:.2f} hours of wall time summed over the "
+                f"runs, in {len(parts)} parts of {'/'.join(map(str, threads)) or '?'} thread(s) each "
+                f"({payload.get('host', '')}).")
+    else:
+        cost = (f"Wall time of the whole command: {'?' if wall is None else f'{wall / 60:.1f} min'}; runs: "
+                f"{cpu_total / 3600:.2f} CPU-hours ({payload.get('threads')} threads, {payload.get('host', '')}).")
+    md += ['', f'{heading}# Cost', '', format_cost(payload, labels), '', cost,
            '', f"Command: `{payload.get('command', '')}`", '']
     return '\n'.join(md)
 
