@@ -225,7 +225,8 @@ def test_merge_results_of_parallel_parts():
     enc = dict(kind='published', name='cpcv2_resnet_tiny.fmnist')
     m = merge_results([dict(c, checkpoint=dict(kind='none')), dict(d, checkpoint=enc)], take=[None, ['cpc_linear']])
     assert m['checkpoint'] == enc
-    with pytest.raises(ValueError, match='part 0 gives no runs of arms'):
+    with pytest.raises(ValueError, match=r"part 0 gives no runs of arms \['scratch'\]; take arms it has run \(cpc_linear, "
+                                         r"supervised\)"):
         merge_results([d, c], take=[['scratch'], None])
     # an arm registered without `reads` depends on every setting
     from cpc_models.evaluate.figure1 import ARMS, _settings_differ

@@ -538,10 +538,11 @@ def merge_results(parts: Sequence[Dict], take: Optional[Sequence[Optional[Sequen
     take = list(take) if take is not None else [None] * len(parts)
     if len(take) != len(parts):
         raise ValueError(f'take: one entry per part ({len(parts)}), got {len(take)}')
+    given = parts
     parts = [dict(p, runs=[r for r in p['runs'] if t is None or r['arm'] in t]) for p, t in zip(parts, take)]
     for i, (part, t) in enumerate(zip(parts, take)):
         if not part['runs']:
-            has = sorted({r['arm'] for r in parts[i]['runs']})
+            has = sorted({r['arm'] for r in given[i]['runs']})
             raise ValueError(f'part {i} gives no runs' + (f' of arms {list(t)}' if t is not None else '')
                              + '; take arms it has run' + (f' ({", ".join(has)})' if has else ''))
     ran = [{r['arm'] for r in p['runs']} for p in parts]
