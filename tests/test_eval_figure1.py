@@ -135,6 +135,16 @@ def test_replace_section_keeps_the_rest_of_the_file(tmp_path):
 
 # ---------------- the runner on the shipped subset ----------------
 
+def test_the_title_names_the_architecture_of_the_loaded_checkpoint():
+    """A published checkpoint's own architecture names the encoder, not --model's default."""
+    from cpc_models.evaluate.report import _title
+    payload = dict(config=dict(model='cpcv2_resnet_tiny', split='test', seeds=[0]),
+                   checkpoint=dict(kind='timm', name='cpcv2_resnet_tiny_wide.fmnist', model='cpcv2_resnet_tiny_wide'))
+    assert _title(payload).startswith('cpcv2_resnet_tiny_wide (cpcv2_resnet_tiny_wide.fmnist), Fashion-MNIST test')
+    payload['checkpoint'] = dict(kind='none')  # a supervised-only table loads no encoder
+    assert _title(payload).startswith('cpcv2_resnet_tiny (none)')
+
+
 def test_figure1_resumes_merges_and_writes_the_readme_section(tmp_path, fmnist_dir, capsys):
     out = tmp_path / 'a'
     res = _run(out, fmnist_dir, '--arms', 'pixels_linear', '--fractions', '0.2,1')

@@ -215,8 +215,8 @@ def write_results(out: Path, payload: Dict) -> None:
 
 
 def _title(payload: Dict) -> str:
-    src = payload.get('checkpoint', {})
-    return (f"{payload['config']['model']} ({src.get('name') or src.get('path') or src.get('kind', '')}), "
+    src = payload.get('checkpoint', {})  # its architecture, not --model's default, names the encoder evaluated
+    return (f"{src.get('model') or payload['config']['model']} ({src.get('name') or src.get('path') or src.get('kind', '')}), "
             f"Fashion-MNIST {payload['config']['split']}, seeds {list(payload['config']['seeds'])}")
 
 
