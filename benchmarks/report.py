@@ -4,7 +4,7 @@
     PYTHONPATH=. python -m benchmarks.report --check    # exit 1 if a block differs from its result files
 
 Each block sits between ``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->``; everything in it
-comes from ``benchmarks/results/*.json`` (benchmarks.compare, benchmarks.peer, benchmarks.layout), so no speed number
+comes from ``benchmarks/results/*.json`` (benchmarks.compare, benchmarks.peer, benchmarks.layout, benchmarks.ceiling), so no speed number
 in the docs is typed by hand. tests/test_benchmarks.py runs the check.
 """
 import argparse
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from benchmarks import compare, layout, peer
+from benchmarks import ceiling, compare, layout, peer
 from cpc_models.atomic import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +24,7 @@ COMPARE_BF16 = RESULTS / 'compare_a58a1bb_cpu_bf16.json'  # the same with cpc-tr
 PEER = RESULTS / 'peer_cpu.json'
 LAYOUT = RESULTS / 'layout_cpu.json'
 RUN = RESULTS / 'cpu.json'
+CEILING = RESULTS / 'ceiling_cpu.json'  # benchmarks.ceiling: the step against the matmul rate
 CUDA_RUN = RESULTS / 'cuda.json'
 
 
@@ -79,15 +80,15 @@ def targets_table() -> str:
         if 'target' in r:
             lines.append(f"| {peer.PART_TEXT[r['part']]} >= {r['target']:g}x {r['against']} | {r['threads']} | "
                          f"{_fmt(r['ratio'])} | {_fmt(r['cpu_ratio'])} | **{'PASS' if r['passed'] else 'MISS'}** |")
-    run = _load(RUN)
-    tiny = next((r for r in run['results'] if r['variant'] == 'cpcv2_resnet_tiny' and r['kind'] == 'train'
-                 and r['mode'] == 'cl' and r['threads'] == run['settings'].get('threads', 1)), None)
-    if tiny:
-        lines += ['', f"For scale: in `{run['command']}` ([cpu.md](../benchmarks/results/cpu.md), 1-min load "
-                      f"{tiny['load_before']:.1f}) the tiny training step (batch {tiny['batch']}, channels_last, "
-                      f"{tiny['threads']} thread) ran at {tiny['mfu']:.0%} of the fp32 matmul rate measured in the "
-                      f"same run (counting only its convolutions and matrix products): twice its speed would need "
-                      f"{2 * tiny['mfu']:.0%}."]
+    if CEILING.is_file():
+        doc = _load(CEILING)
+        lines += ['', f"How far the step is from this machine's arithmetic (`{doc['command']}`; {_measured(doc)}; "
+                      f"[{CEILING.with_suffix('.md').relative_to(ROOT)}](../{CEILING.with_suffix('.md').relative_to(ROOT)})"
+                      f"): its convolutions and matrix products (FLOPs by dtype) against the {doc['config']['peak_n']}"
+                      f"^3 matmul rate measured in the same run. \"Kernels only\": the step if everything else "
+                      "took no time; \"at the matmul rate\": every FLOP at that rate and nothing else. Speed-ups "
+                      "over the baseline use the median ratios of the table above (another run).", '',
+                  *ceiling.results_table(doc)]
     return '\n'.join(lines)
 
 

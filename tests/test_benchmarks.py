@@ -108,6 +108,13 @@ def test_peer_and_layout_smoke(tmp_path):
     rows = json.loads((tmp_path / 'layout_cpu.json').read_text())['rows']
     assert [(r['kind'], r['mode']) for r in rows] == [('inference', 'base'), ('inference', 'cl')]
     assert rows[0]['speedup']['median'] == 1.0 and '| inference | cl |' in (tmp_path / 'layout_cpu.md').read_text()
+    _module(tmp_path, 'benchmarks.ceiling', '--batch', '2', '--rounds', '1', '--reps', '1', '--profile-steps', '1',
+            '--peak-n', '128', '--peak-tries', '1', '--threads', '1', '--out', str(tmp_path))
+    rows = json.loads((tmp_path / 'ceiling_cpu.json').read_text())['rows']
+    assert [(r['precision'], r['threads']) for r in rows] == [('fp32', 1), ('bf16', 1)]
+    assert all(0 < r['at_rate_ms'] and 0 < r['kernels_ms'] for r in rows)
+    assert 'baseline' not in rows[0]  # the committed compare timed batch 32: no ratio for another step
+    assert '(no compare result)' in (tmp_path / 'ceiling_cpu.md').read_text()
 
 
 def test_generated_speed_tables_match_the_result_files():
@@ -115,3 +122,43 @@ def test_generated_speed_tables_match_the_result_files():
     proc = subprocess.run([sys.executable, '-m', 'benchmarks.report', '--check'], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ceiling_counts_the_step_flops_by_dtype_and_times_the_matrix_kernels(tmp_path):
+    """benchmarks.ceiling: FlopsByDtype sums torch's FLOP formulas like FlopCounterMode, split by dtype (bf16
+    autocast moves the convolutions to bfloat16); kernel_seconds counts the matrix kernels' time, not the rest."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.ceiling import FlopsByDtype, kernel_seconds
+    from benchmarks.cases import build_setup, make_train_step
+    from cpc_models import config as C
+
+    s = build_setup('cpcv2_resnet_tiny', torch.device('cpu'), 2)
+    step, _ = make_train_step(s)
+    step()
+    counter = FlopsByDtype()
+    with FlopCounterMode(display=False) as fc, counter:  # both see the same step (augmentation draws vary)
+        step()
+    assert counter.flops == {'float32': fc.get_total_flops()} and fc.get_total_flops() > 0
+    s.cfg = C.apply(s.cfg, dict(bf16_cpu=True))
+    step, _ = make_train_step(s)
+    counter = FlopsByDtype()
+    with FlopCounterMode(display=False) as fc, counter:
+        step()
+    assert counter.flops['bfloat16'] > counter.flops['float32'] > 0  # the objective's logits stay fp32
+    assert sum(counter.flops.values()) == fc.get_total_flops()
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    w = torch.randn(8, 3, 3, 3)
+    with profile() as prof:
+        torch.matmul(a, b)  # aten::matmul -> aten::mm: the mm counts
+        torch.nn.functional.conv2d(torch.randn(2, 3, 32, 32), w)  # aten::conv2d -> aten::convolution -> ...
+        for _ in range(20):
+            torch.exp(a)  # not a matrix kernel
+    events = prof.events()
+    expected = sum(e.cpu_time_total for e in events if e.name in ('aten::mm', 'aten::convolution')) / 1e6
+    assert kernel_seconds(prof) == pytest.approx(expected) and expected > 0
+    assert kernel_seconds(prof) < sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1e6
