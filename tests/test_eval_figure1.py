@@ -160,6 +160,9 @@ def test_figure1_resumes_merges_and_writes_the_readme_section(tmp_path, fmnist_d
     # resuming with one more arm keeps the earlier runs as they were and adds only the new ones
     res2 = _run(out, fmnist_dir, '--arms', 'pixels_linear,pixels_knn', '--fractions', '0.2,1')
     assert res2['runs'][:2] == res['runs'] and [r['arm'] for r in res2['runs'][2:]] == ['pixels_knn'] * 2
+    # the record names both commands that ran something (the repeat that found everything done is not added)
+    first, second = res2['command'].split(' ; ')
+    assert first == res['command'] and '--arms pixels_linear,pixels_knn' in second
     # a later command with other arms and fractions into the same folder keeps every earlier run (split sessions)
     res2b = _run(out, fmnist_dir, '--arms', 'pixels_knn', '--fractions', '1', '--arm-fractions',
                  '{"pixels_knn": [0.5]}')

@@ -477,6 +477,9 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
         raise EvalInputError(one_line(e)) from e
     if src['kind'] == 'none' and before.get('checkpoint'):  # nothing left to run needs the encoder
         src = before['checkpoint']
+    # a folder filled by several commands records each that ran something, in order (' ; ', as merge joins parts)
+    earlier = [c for c in before.get('command', '').split(' ; ') if c]
+    command = ' ; '.join(_union(earlier, [command] if jobs or not earlier else []))
     payload = dict(config=C.to_dict(cfg), checkpoint=src, command=command, n_pool=len(data.pool_y),
                    n_val=len(data.val_y), n_eval=len(data.eval_y), threads=torch.get_num_threads(),
                    host=f'{platform.processor() or platform.machine()}, torch {torch.__version__}', timings=timings,
