@@ -468,6 +468,38 @@ def test_patch_conv_of_a_1x1_map_is_the_convolution(kernel, stride, channels_las
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _aten_ops(fn, *args):
+    """The aten overload packets ``fn(*args)`` dispatches, and its output."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func._overloadpacket)
+            return func(*args, **(kwargs or {}))
+    rec = Record()
+    with rec:
+        out = fn(*args)
+    return rec.ops, out
+
+
+@pytest.mark.parametrize('kernel, padding', [((3, 3), (1, 1)), ((3, 1), (1, 0)), ((1, 5), (0, 2))])
+def test_patch_conv_takes_the_matrix_product_only_on_1x1_maps(kernel, padding):
+    """The 1x1 map of a 4-D input runs as a matrix product (no convolution op: the speed-up of the deep stacks);
+    maps of one row or one column, 2x2 maps and non-square kernels get the convolution's numbers either way."""
+    ours = PatchConv2d.convert(torch.nn.Sequential(torch.nn.Conv2d(6, 5, kernel, padding=padding)))[0]
+    with torch.no_grad():
+        ours.weight.normal_()  # every tap differs: the wrong centre tap would show
+    for h, w in ((1, 1), (3, 1), (1, 3), (2, 2)):
+        x = torch.randn(2, 6, h, w)
+        ops, y = _aten_ops(ours, x)
+        torch.testing.assert_close(y, torch.nn.functional.conv2d(x, ours.weight, ours.bias, padding=padding))
+        assert (torch.ops.aten.convolution in ops) == ((h, w) != (1, 1)), ((h, w), ops)
+
+
 def test_patch_conv_leaves_other_convolutions_alone():
     odd = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.Conv2d(4, 4, 3, padding=1, groups=2),
                               torch.nn.Conv2d(4, 4, 2, padding=1), torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2))

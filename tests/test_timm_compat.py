@@ -10,6 +10,7 @@ from timm.models._features_fx import FeatureGraphNet
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import cpc_models  # noqa: F401  (registers the architectures)
+from cpc_models.encoder import LayerNormAct2d
 
 NAMES = timm.list_models('cpcv[12]*')
 TINY = 'cpcv2_resnet_tiny'  # every variant shares the code; timm's suite runs them all
@@ -54,6 +55,23 @@ def test_torchscript_matches_eager(dense):
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
         torch.testing.assert_close(scripted.forward_features(x), model.forward_features(x))
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_scripted_layer_norm_is_eager_and_groupnorm(channels_last):
+    """LayerNormAct2d's TorchScript branch (F.layer_norm without asking autocast) computes the eager output and
+    GroupNorm(1, C) + ReLU, with a non-default eps and affine parameters that are not the identity."""
+    norm = LayerNormAct2d(8, eps=0.5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 8, 2, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scripted = torch.jit.script(norm)
+    ref = torch.relu(torch.nn.functional.group_norm(x, 1, norm.weight, norm.bias, 0.5))
+    torch.testing.assert_close(scripted(x), ref)
+    torch.testing.assert_close(scripted(x), norm(x))
 
 
 @MODES
