@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from fnmatch import fnmatch
 from importlib.metadata import version
 from pathlib import Path
+from typing import Optional
 
 import tomllib
 
@@ -140,7 +141,8 @@ def _mutant_changes(work: Path, module: str, names: list[str]) -> dict[str, list
     return changes
 
 
-def run(names: list[str], jobs: int, keep: bool, survivors: bool) -> None:
+def run(names: list[str], jobs: int, keep: bool, survivors: Optional[list[str]]) -> None:
+    """Mutate each module; ``survivors`` (None: a full run) retests only the survivors matching these patterns."""
     cfg = _config()
     modules, settings = cfg['modules'], cfg.get('mutmut', {})
     for module in _select(names, modules):
@@ -159,7 +161,7 @@ def run(names: list[str], jobs: int, keep: bool, survivors: bool) -> None:
                     if not only or any(fnmatch(name, p) for p in only)}
         alive = [name for name, status in statuses.items() if status not in DETECTED]
         changes = _mutant_changes(work, module, alive)
-        survivors = {name: {'status': statuses[name], 'change': changes[name]} for name in alive}
+        alive_now = {name: {'status': statuses[name], 'change': changes[name]} for name in alive}
         counts = {s: list(statuses.values()).count(s) for s in sorted(set(statuses.values()))}
         runs = (previous['runs'] if previous else []) + [{
             'kind': f'{len(retest)} survivors retested' if previous else 'full', 'wall_s': round(wall, 1),
@@ -170,7 +172,7 @@ def run(names: list[str], jobs: int, keep: bool, survivors: bool) -> None:
             'score': sum(counts.get(s, 0) for s in DETECTED) / max(len(statuses), 1),
             'runs': runs, 'jobs': jobs, 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
             'versions': {p: version(p) for p in ('mutmut', 'torch', 'torchvision', 'timm')},
-            'python': platform.python_version(), 'statuses': statuses, 'survivors': survivors,
+            'python': platform.python_version(), 'statuses': statuses, 'survivors': alive_now,
         }
         (OUT / 'results').mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + '\n')
