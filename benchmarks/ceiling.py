@@ -54,7 +54,7 @@ class CeilingConfig:
     batch: int = 32  # images per step (the fmnist_tiny preset's batch)
     precisions: List[str] = field(default_factory=lambda: list(PRECISIONS))  # fp32 and/or bf16 (--bf16-cpu)
     threads: List[int] = field(default_factory=lambda: [1, 2])  # torch threads
-    rounds: int = 5  # timed rounds of the step per precision and thread count
+    rounds: int = 9  # timed rounds of the step per precision and thread count
     reps: int = 5  # steps per round (the round's median is its time)
     profile_steps: int = 3  # profiled steps (their mean is the row's kernel time)
     peak_n: int = 2048  # side of the square matmul timed for the machine's rate
@@ -195,7 +195,7 @@ def _x(v: Optional[float]) -> str:
 
 def results_table(doc: Dict) -> List[str]:
     target = doc['config']['target']
-    lines = ['| precision | torch threads | step ms | img/s | matrix GFLOP (fp32 / bf16) | matmul rate GFLOP/s (fp32 / '
+    lines = ['| precision | torch threads | step ms: median (min-max of rounds) | img/s | matrix GFLOP (fp32 / bf16) | matmul rate GFLOP/s (fp32 / '
              'bf16) | step at the matmul rate: ms (share now) | matrix kernels ms | speed-up over the baseline: now '
              f'/ kernels only / at the matmul rate | {target:g}x needs the whole step at |',
              '|---|---:|---:|---:|---|---|---|---:|---|---|']
@@ -206,7 +206,8 @@ def results_table(doc: Dict) -> List[str]:
         vs = (f"{_x(base['ratio'])} / {_x(r['kernels_only_vs_base'])} / **{_x(r['at_rate_vs_base'])}**"
               if base else '(no compare result)')
         need = f"{r['share_needed']:.0%} of the matmul rate" if base else ''
-        lines.append(f"| {r['precision']} | {r['threads']} | {r['step_ms']:,.1f} | {r['images_per_s']:,.1f} | "
+        lines.append(f"| {r['precision']} | {r['threads']} | {r['step_ms']:,.1f} ({min(r['round_ms']):,.1f}-"
+                     f"{max(r['round_ms']):,.1f}) | {r['images_per_s']:,.1f} | "
                      f"{f32:.2f} / {b16:.2f} | {rates['float32'] / 1e9:,.0f} / {rates['bfloat16'] / 1e9:,.0f} | "
                      f"{r['at_rate_ms']:,.1f} ({r['share_of_rate']:.0%}) | {r['kernels_ms']:,.1f} | {vs} | {need} |")
     return lines

@@ -4,7 +4,7 @@ The defaults are what measured faster on each device (docs/benchmarks.md, "Layou
 
 * ``channels_last``: on for CUDA (tensor-core convolutions run NHWC); on the CPU only where measured faster
   (:data:`CPU_CHANNELS_LAST`).
-* bf16 autocast: CUDA (``TrainConfig.bf16``); on the CPU only when asked (``bf16_cpu``): it measured 1.3-1.4x a58a1bb's
+* bf16 autocast: CUDA (``TrainConfig.bf16``); on the CPU only when asked (``bf16_cpu``): it measured 1.5x a58a1bb's
   fp32 step on an AVX512-BF16 CPU but changes the loss curve by bf16 rounding, so fp32 stays the CPU default.
 * ``torch.compile``: where its compile time is paid back, i.e. long runs on a device where the compiled code measured
   faster (:data:`COMPILE_DEVICES`): pretraining runs of at least :data:`COMPILE_MIN_STEPS` steps on CUDA (on the CPU

@@ -91,7 +91,7 @@ class TrainConfig:
     # ---- runtime ----
     device: str = 'auto'  # auto = cuda if available
     bf16: bool = True  # autocast on CUDA
-    # bf16 autocast on the CPU too: opt-in, it rounds (docs/benchmarks.md: 1.3-1.4x a58a1bb's step on AVX512-BF16)
+    # bf16 autocast on the CPU too: opt-in, it rounds (docs/benchmarks.md: 1.5x a58a1bb's step on AVX512-BF16)
     bf16_cpu: bool = False
     # NHWC model and patches; auto = on CUDA, on the CPU as measured faster (cpc_models/runtime.py)
     channels_last: Switch = 'auto'
