@@ -347,6 +347,18 @@ def test_benchmarks_write_a_fresh_folder_unless_told_to_update(capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_benchmark_choices_are_checked_before_any_work(capsys):
+    """benchmarks.peer --parts and benchmarks.ceiling --precisions take only their listed values, with one line."""
+    from benchmarks import ceiling, peer
+    for mod, argv, message in ((peer, ['--parts', 'norm,steps'], '--parts: invalid choice "steps" (choose from norm, '
+                                                                  'encoder, step)'),
+                               (ceiling, ['--precisions', 'fp16'], '--precisions: invalid choice "fp16" (choose from '
+                                                                   'fp32, bf16)')):
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_gpu_run_script_needs_an_interpreter_with_torch(tmp_path):
     """Was: it ran the system python3, which has no torch there. Now: $PYTHON, else the project's .venv, else
