@@ -5,9 +5,9 @@
 For each precision (``fp32``, the CPU default; ``bf16``, ``cpc-train --bf16-cpu``) and torch thread count, in one
 process on the CPU:
 
-* the machine's matmul rate in fp32 and in bf16 (the best of ``--peak-tries`` timings of run.peak_flops' product);
+* the machine's matmul rate in fp32 and in bf16 (common.matmul_rate, as benchmarks.run measures its peak);
 * the step: cpc-train's ``train_step`` on the preset's batch of synthetic images (benchmarks.cases), the CPU's
-  default layout, median over ``rounds`` x ``reps`` calls;
+  default layout, the median of ``rounds`` rounds of ``reps`` calls (common.alternate);
 * its FLOPs by input dtype (torch.utils.flop_counter's formulas: convolutions and matrix products, forward and
   backward, 2 per multiply-add);
 * a profile of ``profile_steps`` steps: time inside those matrix kernels (outermost convolution, convolution_backward,
@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from benchmarks.cases import PRESET_OF, apply_mode, build_setup, make_train_step
-from benchmarks.common import cpu_model, markdown_header, save_results
+from benchmarks.common import alternate, cpu_model, markdown_header, matmul_rate, save_results
 from cpc_models import config as C
 from cpc_models.runtime import channels_last_default
 
@@ -58,7 +58,7 @@ class CeilingConfig:
     reps: int = 5  # steps per round (the round's median is its time)
     profile_steps: int = 3  # profiled steps (their mean is the row's kernel time)
     peak_n: int = 2048  # side of the square matmul timed for the machine's rate
-    peak_tries: int = 3  # timings of it; the fastest is the rate
+    peak_time: float = 2.0  # seconds of timing it per dtype (torch.utils.benchmark's median)
     target: float = 2.0  # the speed-up over the baseline that the bounds are set against
     compare_dir: str = str(RESULTS)  # where the benchmarks.compare results (COMPARE) are read
     out: str = str(RESULTS)  # folder for <name>.json and <name>.md
@@ -81,21 +81,6 @@ class FlopsByDtype(TorchDispatchMode):
             key = str(dtype).removeprefix('torch.')
             self.flops[key] = self.flops.get(key, 0) + formula(*args, **kwargs, out_val=out)
         return out
-
-
-def matmul_rate(dtype: torch.dtype, n: int, tries: int) -> float:
-    """FLOP/s of an (n, n) @ (n, n) product in ``dtype`` at the current thread count: the fastest of ``tries``."""
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
-    torch.mm(a, b)
-    best = float('inf')
-    for _ in range(tries):
-        reps = max(2, int(4e9 / (2 * n ** 3)))  # about 4 GFLOP a timing
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        best = min(best, (time.perf_counter() - t) / reps)
-    return 2 * n ** 3 / best
 
 
 def kernel_seconds(prof) -> float:
@@ -133,14 +118,7 @@ def measure_row(cfg: CeilingConfig, precision: str, threads: int, log) -> Dict:
     step, _ = make_train_step(s)
     for _ in range(2):
         step()
-    rounds = []
-    for _ in range(cfg.rounds):
-        times = []
-        for _ in range(cfg.reps):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        rounds.append(statistics.median(times))
+    rounds = [r['wall_s'] for r in alternate({'step': step}, cfg.rounds, cfg.reps, device)['step']]
     step_s = statistics.median(rounds)
     counter = FlopsByDtype()
     with counter:
@@ -149,8 +127,8 @@ def measure_row(cfg: CeilingConfig, precision: str, threads: int, log) -> Dict:
         for _ in range(cfg.profile_steps):
             step()
     kernels_s = kernel_seconds(prof) / cfg.profile_steps
-    rates = {'float32': matmul_rate(torch.float32, cfg.peak_n, cfg.peak_tries),
-             'bfloat16': matmul_rate(torch.bfloat16, cfg.peak_n, cfg.peak_tries)}
+    rates = {str(dt).removeprefix('torch.'): matmul_rate(device, dt, cfg.peak_n, threads, cfg.peak_time)
+             for dt in (torch.float32, torch.bfloat16)}
     unknown = set(counter.flops) - set(rates)
     if unknown:
         raise RuntimeError(f'matrix FLOPs in dtypes without a measured rate: {sorted(unknown)}')
@@ -195,9 +173,10 @@ def _x(v: Optional[float]) -> str:
 
 def results_table(doc: Dict) -> List[str]:
     target = doc['config']['target']
-    lines = ['| precision | torch threads | step ms: median (min-max of rounds) | img/s | matrix GFLOP (fp32 / bf16) | matmul rate GFLOP/s (fp32 / '
-             'bf16) | step at the matmul rate: ms (share now) | matrix kernels ms | speed-up over the baseline: now '
-             f'/ kernels only / at the matmul rate | {target:g}x needs the whole step at |',
+    lines = ['| precision | torch threads | step ms: median (min-max of rounds) | img/s | matrix GFLOP (fp32 / bf16) '
+             '| matmul rate GFLOP/s (fp32 / bf16) | step at the matmul rate: ms (share now) | matrix kernels ms | '
+             'speed-up over the baseline: now / kernels only / at the matmul rate | '
+             f'{target:g}x needs the whole step at |',
              '|---|---:|---:|---:|---|---|---|---:|---|---|']
     for r in doc['rows']:
         f32, b16 = r['flops'].get('float32', 0) / 1e9, r['flops'].get('bfloat16', 0) / 1e9
@@ -218,7 +197,7 @@ def render_markdown(doc: Dict) -> str:
     sources = sorted({r['baseline']['source'] for r in doc['rows'] if r.get('baseline')})
     lines = markdown_header(doc, f"The step against the matmul rate: {cfg['variant']}, batch {cfg['batch']}") + [
         f"Step: cpc-train's `train_step` on synthetic images, median of {cfg['rounds']} rounds of {cfg['reps']}. "
-        f"Matmul rate: the fastest of {cfg['peak_tries']} timings of a {cfg['peak_n']}^3 product per dtype. "
+        f"Matmul rate: the median time of a {cfg['peak_n']}^3 product per dtype ({cfg['peak_time']:g} s of timing). "
         "\"Kernels only\": the step if everything but its convolutions and matrix products took no time; \"at the "
         "matmul rate\": its FLOPs at the matmul rate of their dtype and nothing else. Speed-ups over the baseline "
         f"use the median ratio of {', '.join(sources) or 'no compare result'} (another run).", '']

@@ -141,6 +141,17 @@ def measure(fn: Callable[[], object], device: torch.device, threads: int, min_ru
         peak_mem_resettable=resettable, load_before=load_before, load_after=os.getloadavg()[0])
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, threads: int, min_run_time: float) -> float:
+    """Measured FLOP/s of an (n, n) @ (n, n) product in ``dtype`` on random data (torch.utils.benchmark median)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    torch.mm(a, b)
+    m = benchmark.Timer('torch.mm(a, b)', globals=dict(a=a, b=b, torch=torch), num_threads=threads) \
+        .blocked_autorange(min_run_time=min_run_time)
+    return 2 * n ** 3 / m.median
+
+
 def spread(values: Sequence[float]) -> Dict[str, float]:
     """Median, min, max and quartiles of a few measurements (e.g. the per-round ratios of alternating rounds)."""
     q1, q2, q3 = (float(v) for v in np.percentile(list(values), [25, 50, 75]))

@@ -4,8 +4,8 @@
     PYTHONPATH=. python -m benchmarks.report --check    # exit 1 if a block differs from its result files
 
 Each block sits between ``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->``; everything in it
-comes from ``benchmarks/results/*.json`` (benchmarks.compare, benchmarks.peer, benchmarks.layout, benchmarks.ceiling), so no speed number
-in the docs is typed by hand. tests/test_benchmarks.py runs the check.
+comes from ``benchmarks/results/*.json`` (benchmarks.compare, benchmarks.peer, benchmarks.layout,
+benchmarks.ceiling), so no speed number in the docs is typed by hand. tests/test_benchmarks.py runs the check.
 """
 import argparse
 import json
@@ -82,9 +82,9 @@ def targets_table() -> str:
                          f"{_fmt(r['ratio'])} | {_fmt(r['cpu_ratio'])} | **{'PASS' if r['passed'] else 'MISS'}** |")
     if CEILING.is_file():
         doc = _load(CEILING)
+        md = CEILING.with_suffix('.md').relative_to(ROOT)
         lines += ['', f"How far the step is from this machine's arithmetic (`{doc['command']}`; {_measured(doc)}; "
-                      f"[{CEILING.with_suffix('.md').relative_to(ROOT)}](../{CEILING.with_suffix('.md').relative_to(ROOT)})"
-                      f"): its convolutions and matrix products (FLOPs by dtype) against the {doc['config']['peak_n']}"
+                      f"[{md}](../{md})): its convolutions and matrix products (FLOPs by dtype) against the {doc['config']['peak_n']}"
                       f"^3 matmul rate measured in the same run. \"Kernels only\": the step if everything else "
                       "took no time; \"at the matmul rate\": every FLOP at that rate and nothing else. Speed-ups "
                       "over the baseline use the median ratios of the table above (another run).", '',

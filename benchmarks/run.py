@@ -33,7 +33,6 @@ from typing import Dict, List, Literal, NamedTuple, Optional
 
 import timm
 import torch
-from torch.utils import benchmark
 
 from benchmarks import baselines as B
 from benchmarks.cases import (
@@ -46,7 +45,7 @@ from benchmarks.cases import (
     make_train_step,
     parse_mode,
 )
-from benchmarks.common import RESULTS, RUNS, machine_info, measure
+from benchmarks.common import RESULTS, RUNS, machine_info, matmul_rate, measure
 from benchmarks.profile_step import profile_train_step
 from cpc_models import config as C
 from cpc_models.atomic import write_text
@@ -214,13 +213,7 @@ def peak_flops(device: torch.device, threads: int, smoke: bool) -> Dict:
         n, dtype = (1024 if smoke else 8192), torch.bfloat16
     else:
         n, dtype = (256 if smoke else 2048), torch.float32
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, generator=g, device=device).to(dtype)
-    b = torch.randn(n, n, generator=g, device=device).to(dtype)
-    torch.mm(a, b)
-    m = benchmark.Timer('torch.mm(a, b)', globals=dict(a=a, b=b, torch=torch), num_threads=threads) \
-        .blocked_autorange(min_run_time=0.2 if smoke else 2.0)
-    measured = 2 * n ** 3 / m.median
+    measured = matmul_rate(device, dtype, n, threads, min_run_time=0.2 if smoke else 2.0)
     out = dict(matmul=f'{n}x{n}x{n} {str(dtype).split(".")[-1]}', measured_flops=measured,
                load_avg=os.getloadavg()[0])
     if device.type == 'cuda':

@@ -58,6 +58,11 @@ WEIGHTS_DIR = Path(os.environ.get('CPC_MODELS_WEIGHTS_DIR') or next(
 HF_ORG = 'cpc-models'
 
 
+def _nhwc(x: torch.Tensor) -> bool:
+    """A 4-D channels_last tensor that is not also contiguous NCHW (its (N, H, W, C) view is the contiguous one)."""
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 @register_notrace_module  # one branch on the memory format: a leaf for timm's FX feature extraction
 class LayerNormAct2d(GroupNorm1Act):
     """CPC v2's layer norm + activation: each sample normalized over (C, H, W), per-channel affine, then the act.
@@ -74,7 +79,7 @@ class LayerNormAct2d(GroupNorm1Act):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nhwc = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        nhwc = _nhwc(x)
         if nhwc:
             x = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous: channels are the last normalized dim
         shape = list(x.shape[1:])
@@ -108,7 +113,7 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over H and W: (N, C, H, W) -> (N, C). A channels_last map is averaged as its (N, H, W, C) view so that
     its gradient comes back channels_last as well: ``mean((2, 3))``'s is NCHW, and the norm-act backward that meets
     it ran ~10x slower on the mismatched layouts (threshold_backward on the 2x2 maps of the fmnist_tiny step)."""
-    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _nhwc(x):
         return x.permute(0, 2, 3, 1).mean((1, 2))
     return x.mean((2, 3))
 

@@ -109,7 +109,7 @@ def test_peer_and_layout_smoke(tmp_path):
     assert [(r['kind'], r['mode']) for r in rows] == [('inference', 'base'), ('inference', 'cl')]
     assert rows[0]['speedup']['median'] == 1.0 and '| inference | cl |' in (tmp_path / 'layout_cpu.md').read_text()
     _module(tmp_path, 'benchmarks.ceiling', '--batch', '2', '--rounds', '1', '--reps', '1', '--profile-steps', '1',
-            '--peak-n', '128', '--peak-tries', '1', '--threads', '1', '--out', str(tmp_path))
+            '--peak-n', '128', '--peak-time', '0.05', '--threads', '1', '--out', str(tmp_path))
     rows = json.loads((tmp_path / 'ceiling_cpu.json').read_text())['rows']
     assert [(r['precision'], r['threads']) for r in rows] == [('fp32', 1), ('bf16', 1)]
     assert all(0 < r['at_rate_ms'] and 0 < r['kernels_ms'] for r in rows)
