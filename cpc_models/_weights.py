@@ -7,12 +7,16 @@ Imports nothing of the package, so the model file does not depend on the Hub or 
   with ``weights_only=True``. Nothing is ever unpickled.
 * :func:`pretrained_errors`: wraps ``timm.models.build_model_with_cfg`` for ``pretrained=True``: no published
   weights, a missing or corrupt local file, an offline Hub or a corrupt Hub cache become errors that say what to do.
+* Strict loading: a missing, renamed or mis-shaped key is a :class:`WeightsMismatchError` naming the key and the file
+  (:func:`check_keys`, :func:`load_state_dict_strict`; timm's strict-load error is rewritten the same way). Nothing
+  is ever loaded partly.
 """
 import contextlib
 import os
 import pickle
+import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Union
 
 import safetensors
 import safetensors.torch
@@ -20,11 +24,11 @@ import timm
 import torch
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
-__all__ = ['WEIGHTS_NAME', 'CorruptWeightsError', 'check_weights_file', 'weights_kind', 'load_weights',
-           'pretrained_errors', 'hub_unreachable_message']
+__all__ = ['WEIGHTS_NAME', 'CorruptWeightsError', 'WeightsMismatchError', 'check_weights_file', 'weights_kind',
+           'load_weights', 'check_keys', 'load_state_dict_strict', 'pretrained_errors', 'hub_unreachable_message']
 
 PathLike = Union[str, os.PathLike]
 WEIGHTS_NAME = 'model.safetensors'
@@ -32,6 +36,67 @@ WEIGHTS_NAME = 'model.safetensors'
 
 class CorruptWeightsError(RuntimeError):
     """A weights file exists but cannot be read (truncated download, interrupted copy, not a safetensors file)."""
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file that reads but does not fit the model: a key missing, unexpected (renamed) or of another shape."""
+
+
+_FIT_HINT = ('Nothing was loaded. Load the weights into the architecture (and model_args) they were trained with, '
+             'see the checkpoint\'s config.json; a renamed key means the file was edited or made by other code.')
+
+
+def _names(keys: List[str], most: int = 3) -> str:
+    shown = ', '.join(f'"{k}"' for k in keys[:most])
+    return shown + (f' and {len(keys) - most} more' if len(keys) > most else '')
+
+
+def mismatch_message(where: str, model: str, missing: List[str], unexpected: List[str]) -> str:
+    """One line naming the file, the model and the first missing / unexpected keys."""
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} key(s) of the model missing from the file: {_names(missing)}')
+    if unexpected:
+        parts.append(f'{len(unexpected)} key(s) in the file that the model does not have: {_names(unexpected)}')
+    return f'{where} does not fit {model}: {"; ".join(parts)}. {_FIT_HINT}'
+
+
+def check_keys(state_dict: Iterable[str], expected: Iterable[str], where: str, model: str) -> None:
+    """Raise :class:`WeightsMismatchError` unless the keys of ``state_dict`` are exactly ``expected``."""
+    have, want = list(state_dict), list(expected)
+    have_set, want_set = set(have), set(want)
+    missing = [k for k in want if k not in have_set]
+    unexpected = [k for k in have if k not in want_set]
+    if missing or unexpected:
+        raise WeightsMismatchError(mismatch_message(where, model, missing, unexpected))
+
+
+def load_state_dict_strict(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], where: PathLike) -> None:
+    """``module.load_state_dict(state_dict)`` that loads all or nothing: a missing, unexpected or mis-shaped key is a
+    :class:`WeightsMismatchError` naming the key and ``where`` (the file), raised before any tensor is copied."""
+    name = type(module).__name__
+    target = module.state_dict()
+    check_keys(state_dict, target, str(where), name)
+    for k, v in target.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise WeightsMismatchError(
+                f'{where} does not fit {name}: key "{k}" has shape {tuple(state_dict[k].shape)} in the file but '
+                f'{tuple(v.shape)} in the model. {_FIT_HINT}')
+    module.load_state_dict(state_dict, strict=True)
+
+
+_TORCH_KEYS = re.compile(r'(Missing|Unexpected) key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)')
+
+
+def _torch_strict_error(err: Exception) -> Optional[Dict[str, List[str]]]:
+    """The missing / unexpected keys of torch's strict ``load_state_dict`` error (None: another error)."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not text.startswith('Error(s) in loading state_dict'):
+        return None
+    found = {'Missing': [], 'Unexpected': []}
+    for kind, keys in _TORCH_KEYS.findall(text):
+        found[kind] = re.findall(r'"([^"]+)"', keys)
+    return found if (found['Missing'] or found['Unexpected']) else None
 
 
 def check_weights_file(path: PathLike) -> Path:
@@ -142,6 +207,14 @@ def _explain(variant: str, cfg, err: Exception, cache_dir: Optional[PathLike]) -
     """An error raised while timm loads pretrained weights, as one that says what to do (None: keep ``err``)."""
     hub_id = cfg.hf_hub_id
     from_hub = bool(hub_id) and (getattr(cfg, 'source', '') == 'hf-hub' or not cfg.file)
+    if isinstance(err, WeightsMismatchError):  # from checkpoint_filter_fn, which does not know the file
+        where, msg = _weights_location(cfg, cache_dir), str(err)
+        return WeightsMismatchError(where + msg[len('the weights'):] if msg.startswith('the weights ') else
+                                    f'{where}: {msg}')
+    keys = _torch_strict_error(err)
+    if keys is not None:  # timm's strict load_state_dict
+        return WeightsMismatchError(mismatch_message(_weights_location(cfg, cache_dir), variant, keys['Missing'],
+                                                     keys['Unexpected']))
     if isinstance(err, safetensors.SafetensorError):
         where = cfg.file or '?'
         if from_hub:
@@ -159,6 +232,22 @@ def _explain(variant: str, cfg, err: Exception, cache_dir: Optional[PathLike]) -
                                      ConnectionError)):
         return RuntimeError(hub_unreachable_message(variant, hub_id, cache_dir, err))
     return None
+
+
+def _weights_location(cfg, cache_dir: Optional[PathLike]) -> str:
+    """The file timm reads the weights of ``cfg`` from (timm's own resolution): a local file, a local-dir folder's
+    or a Hub cache's ``model.safetensors``."""
+    load_from, loc = _resolve_pretrained_source(cfg.to_dict())
+    if load_from == 'state_dict':
+        return 'the state_dict passed in pretrained_cfg'
+    if load_from in ('file', 'local-dir'):
+        return str(Path(loc) / WEIGHTS_NAME) if Path(loc).is_dir() else str(loc)
+    if load_from == 'hf-hub':
+        repo_id, name = loc if isinstance(loc, (list, tuple)) else (loc, WEIGHTS_NAME)
+        repo, rev = hf_split(repo_id)
+        cached = try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=rev)
+        return cached if isinstance(cached, str) else f'{name} of the Hub repo {repo_id}'
+    return str(loc or '?')
 
 
 def hub_unreachable_message(name: str, hub_id: str, cache_dir: Optional[PathLike], err: Exception) -> str:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ._weights import load_state_dict_strict
 from .atomic import atomic_dir
 
 __all__ = ['latest_checkpoint', 'resolve_checkpoint', 'remove_partial', 'save_checkpoint', 'load_checkpoint',
@@ -91,15 +92,18 @@ def load_checkpoint(folder: PathLike, encoder: nn.Module, objective: nn.Module,
                     device: Union[str, torch.device] = 'cpu') -> Dict[str, Any]:
     """Load the weights of a checkpoint folder into ``encoder`` and ``objective``; return its ``state.pt``.
 
+    Loads all or nothing: a missing, renamed or mis-shaped key is a ``WeightsMismatchError`` naming the key and file.
+
     Raises:
         FileNotFoundError: the folder has no ``state.pt`` (not a training checkpoint).
+        WeightsMismatchError: the weights do not fit the models.
     """
     folder = Path(folder)
     if not (folder / 'state.pt').is_file():
         raise FileNotFoundError(f'{folder}: not a training checkpoint folder (no state.pt); pass a '
                                 f'<out_dir>/checkpoints/step_* folder, auto or none.')
-    encoder.load_state_dict(load_file(folder / 'encoder.safetensors', device=str(device)))
-    objective.load_state_dict(load_file(folder / 'objective.safetensors', device=str(device)))
+    for module, name in ((encoder, 'encoder.safetensors'), (objective, 'objective.safetensors')):
+        load_state_dict_strict(module, load_file(folder / name, device=str(device)), folder / name)
     return torch.load(folder / 'state.pt', map_location='cpu', weights_only=True)
 
 

@@ -45,7 +45,7 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._weights import pretrained_errors
+from ._weights import WeightsMismatchError, check_keys, pretrained_errors
 from .patches import check_images, grid_size, is_symbolic_tracing, patchify
 
 __all__ = ['CPCResNetV2', 'LayerNormAct2d', 'PatchConv2d', 'PreActBottleneck', 'WEIGHTS_DIR']
@@ -483,8 +483,13 @@ class CPCResNetV2(nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CPCResNetV2) -> Dict[str, torch.Tensor]:
     """Accept training checkpoints (``encoder.``/``module.``/``_orig_mod.`` prefixes, no head) and check shapes.
 
+    Known aliases (those prefixes) are mapped; no key is ever dropped. Keys are checked by timm's strict load
+    (``pretrained_strict=True``, rewritten by ``_weights.pretrained_errors`` to name the key and the file), except
+    when timm adapts the classifier (``num_classes`` differs from the weights'): timm then loads non-strictly, so
+    every key but the classifier's is checked here.
+
     Raises:
-        ValueError: naming the first key whose shape does not fit the model.
+        WeightsMismatchError: naming the first key whose shape does not fit, or the missing / unexpected keys.
     """
     out = {}
     for k, v in state_dict.items():
@@ -492,15 +497,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CPCResNetV2
             k = k.removeprefix(prefix)
         out[k] = v
     target = model.state_dict()
-    first_conv = model.pretrained_cfg.get('first_conv') if hasattr(model, 'pretrained_cfg') else 'stem.conv'
-    skip = {f'{first_conv}.weight', 'head.fc.weight', 'head.fc.bias'}  # timm adapts in_chans / num_classes
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    first_conv = cfg.get('first_conv', 'stem.conv')
+    classifier = cfg.get('classifier', 'head.fc')
+    head = {f'{classifier}.weight', f'{classifier}.bias'}
+    skip = {f'{first_conv}.weight'} | head  # timm adapts in_chans / num_classes
     for k in target:  # in model order, so the first mismatch is the earliest layer that differs
         v = out.get(k)
         if v is not None and k not in skip and tuple(target[k].shape) != tuple(v.shape):
-            raise ValueError(
+            raise WeightsMismatchError(
                 f'Checkpoint does not fit {type(model).__name__}: first mismatching key "{k}" has shape '
                 f'{tuple(v.shape)} in the checkpoint but {tuple(target[k].shape)} in the model. Create the model '
                 f'architecture the checkpoint was trained with (see its config.json "architecture"/"model_args").')
+    if getattr(model, 'num_classes', 0) != cfg.get('num_classes', 0):  # timm will pop the head and load non-strictly
+        check_keys([k for k in out if k not in head], [k for k in target if k not in head], 'the weights',
+                   type(model).__name__)
     return out
 
 

@@ -20,7 +20,7 @@ KINDS = 'a timm name.tag, a .safetensors file, a checkpoint (or run) folder, a p
 
 def create_encoder(name: str, model_args: Dict, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(name, pretrained, num_classes=0, **model_args, **kwargs)``: an encoder without head."""
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, **{**model_args, **kwargs})
+    return timm.create_model(name, pretrained=pretrained, **{**model_args, **kwargs, 'num_classes': 0})
 
 
 def check_checkpoint(checkpoint: str) -> None:
