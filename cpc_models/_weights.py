@@ -115,8 +115,8 @@ def check_weights_file(path: PathLike) -> Path:
         if not path.is_file():
             raise FileNotFoundError(
                 f'No {WEIGHTS_NAME} in the folder {folder}. A published folder holds model.safetensors, config.json '
-                f'and README.md: create it with `python -m cpc_models.hub export --checkpoint CKPT --out {folder} '
-                f'--tag TAG`.')
+                f'and README.md: create one with `python -m cpc_models.hub export --checkpoint {folder} --out '
+                f'NEW_FOLDER --tag TAG` if {folder} is a cpc-train checkpoint.')
     if not path.is_file():
         raise FileNotFoundError(
             f'Weights file not found: {path}. Check the path; a cpc-train checkpoint keeps the encoder in '

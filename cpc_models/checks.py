@@ -8,7 +8,7 @@ change), 130 / 143 (stopped by SIGINT / SIGTERM after saving what can be resumed
 """
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import timm
 import torch
@@ -18,7 +18,8 @@ from . import encoder as _encoder  # noqa: F401  (registers the architectures: n
 from ._weights import hub_unreachable_message
 from .config import ConfigError, did_you_mean
 
-__all__ = ['HUB_PREFIXES', 'check_model_name', 'check_device', 'check_out_file', 'create_model', 'one_line']
+__all__ = ['HUB_PREFIXES', 'check_model_name', 'check_device', 'check_out_file', 'check_out_dir', 'create_model',
+           'one_line']
 
 HUB_PREFIXES = ('hf-hub:', 'hf_hub:')
 LOCAL_PREFIX = 'local-dir:'
@@ -78,14 +79,28 @@ def check_device(name: str, key: str = '--device') -> torch.device:
     return device
 
 
-def check_out_file(path: Union[str, os.PathLike], key: str = '--out') -> Path:
-    """A file to write: not an existing folder, and its folder (created if missing) not a file."""
+def check_out_file(path: Union[str, os.PathLike], key: str = '--out', suffix: str = '') -> Path:
+    """A file to write: not an existing folder, and its folder (created if missing) not a file; named with
+    ``suffix`` (the format written) when one is given."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise ConfigError(f'{key} {path}: is a folder; give a file name, e.g. {path / "features.safetensors"}')
+        raise ConfigError(f'{key} {path}: is a folder; give a file name, e.g. {path / ("features" + (suffix or ""))}')
+    if suffix and path.suffix != suffix:
+        raise ConfigError(f'{key} {path}: the file is written as {suffix[1:]}; name it {suffix}, e.g. '
+                          f'{path.with_suffix(suffix) if path.suffix else path.with_name(path.name + suffix)}')
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ConfigError(f'{key} {path}: {parent} is a file, not a folder')
+    return path
+
+
+def check_out_dir(path: Union[str, os.PathLike], key: str = '--out-dir') -> Path:
+    """A folder to write into (created if missing): neither it nor a folder above it an existing file."""
+    path = Path(path).expanduser()
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = 'is a file' if blocker == path else f'is inside {blocker}, a file'
+        raise ConfigError(f'{key} {path}: {what}; give a folder (new or existing) for the run')
     return path
 
 
@@ -105,6 +120,11 @@ def create_model(name: str, pretrained: bool = False, key: str = '--model', cach
         raise RuntimeError(hub_unreachable_message(name, name.split(':', 1)[1], cache_dir, e)) from e
 
 
-def one_line(err: BaseException) -> str:
-    """An error's message on one line (some messages of torch and timm span several)."""
-    return ' '.join(str(err).split()) or type(err).__name__
+def one_line(err: BaseException, flags: Optional[Dict[str, str]] = None) -> str:
+    """An error's message on one line (some messages of torch and timm span several). ``flags`` maps the Python
+    arguments a library message names to the command line's flags (``{'overwrite=True': '--overwrite'}``), so that a
+    command's errors are phrased in its flags."""
+    text = ' '.join(str(err).split()) or type(err).__name__
+    for argument, flag in (flags or {}).items():
+        text = text.replace(argument, flag)
+    return text

@@ -19,6 +19,7 @@ Presets are plain dicts of overrides (nested dicts for groups), applied with :fu
 the command line; :func:`to_dict` / :func:`from_dict` turn a config into JSON-ready dicts and back (old files with
 missing keys load with today's defaults).
 """
+import argparse
 import dataclasses
 import difflib
 import inspect
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
 
 __all__ = ['ConfigError', 'Option', 'options', 'apply', 'to_dict', 'from_dict', 'peek', 'parse_args', 'format_help',
-           'fail', 'usage_error', 'check_range', 'did_you_mean']
+           'fail', 'usage_error', 'check_range', 'did_you_mean', 'suggest', 'ArgumentParser']
 
 T = TypeVar('T')
 _TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
@@ -295,9 +296,9 @@ def _unknown(key: str, cfg, prefix: str = '') -> ConfigError:
     if prefix:
         return ConfigError(f'unknown option --{prefix}{key}; the {prefix[:-1]} group has: '
                            f'{", ".join(f.name for f in dataclasses.fields(cfg))}')
-    close = difflib.get_close_matches(key, list(options(cfg)), n=3, cutoff=0.6)
+    close = suggest(key, list(options(cfg)))
     hint = f' (did you mean {", ".join(_flag(c) for c in close)}?)' if close else ''
-    return ConfigError(f'unknown option --{key}{hint}; see --help for the options')
+    return ConfigError(f'unknown option {_flag(key)}{hint}; see --help for the options')
 
 
 def apply(cfg: T, changes: Dict[str, Any], _prefix: str = '') -> T:
@@ -502,10 +503,69 @@ def check_range(cfg, key: str, low=None, high=None, low_open: bool = False, high
             raise ConfigError(f'{_flag(key)} {shown}: must be {allowed}')
 
 
+def suggest(value: str, choices: Sequence[str], cutoff: float = 0.6) -> List[str]:
+    """The choices ``value`` may have meant: close spellings (difflib), and the choice that abbreviates it by its
+    words' initials (``learning_rate`` -> ``lr``). Dashes and underscores count alike."""
+    def norm(text: str) -> str:
+        return text.lstrip('-').replace('-', '_').lower()
+    by_norm = {norm(c): c for c in choices}
+    close = [by_norm[c] for c in difflib.get_close_matches(norm(value), list(by_norm), n=3, cutoff=cutoff)]
+    words = [w for w in re.split(r'[_.]', norm(value)) if w]
+    initials = ''.join(w[0] for w in words) if len(words) > 1 else ''
+    return close + [c for n, c in by_norm.items() if initials and n.rsplit('.', 1)[-1] == initials and c not in close]
+
+
 def did_you_mean(value: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
-    """' (did you mean X?)' for the choices close to ``value``, else ''."""
-    close = difflib.get_close_matches(value, list(choices), n=3, cutoff=cutoff)
+    """' (did you mean X?)' for the choices close to ``value`` (:func:`suggest`), else ''."""
+    close = suggest(value, choices, cutoff)
     return f' (did you mean {", ".join(close)}?)' if close else ''
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with the conventions of every cpc-models command line (the ones parsed by
+    :func:`parse_args` follow them too): no prefix abbreviation (``--thread`` is not ``--threads``), a mistyped
+    option or subcommand named with a suggestion and the complete list, and every mistake as one usage line and one
+    ``prog: error:`` line, exit status 2. Subparsers are of the same class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+    def _flags(self) -> List[str]:
+        flags = []
+        for action in self._actions:
+            flags += [f for f in action.option_strings if f.startswith('--')]
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    flags += sub._flags() if isinstance(sub, ArgumentParser) else []
+        return sorted(set(flags) - {'--help'})
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> typing.NoReturn:
+        flags = set(self._flags()) | {'-h', '--help'}
+        typo = next((t.split('=')[0] for t in getattr(self, '_argv', []) if t.startswith('--') and t != '--'
+                     and t.split('=')[0] not in flags), None)
+        if typo is not None and message.startswith('the following arguments are required'):
+            message = f'unrecognized arguments: {typo}'  # the typo is the mistake, not the option it missed
+        unknown = re.match(r'unrecognized arguments: (.*)', message)
+        choice = re.match(r"argument (.*?): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if unknown:
+            tokens = unknown.group(1).split()
+            flag = next((t.split('=')[0] for t in tokens if t.startswith('-')), None)
+            if flag is not None:
+                message = (f'unknown option {flag}{did_you_mean(flag, self._flags())}; see {self.prog} --help for '
+                           f'the options')
+            else:
+                message = f'unexpected argument {tokens[0]!r}; see {self.prog} --help'
+        elif choice:
+            what, value = choice.group(1), choice.group(2)
+            names = re.findall(r"'([^']*)'", choice.group(3)) or [c.strip() for c in choice.group(3).split(',')]
+            label = 'command' if what in ('cmd', 'command', '{' + ','.join(names) + '}') else what
+            message = f'unknown {label} {value!r}{did_you_mean(value, names)}; choose from {", ".join(names)}'
+        fail(self.prog, message)
 
 
 def usage_error(prog: str, message: str) -> int:

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from . import encoder as _encoder  # noqa: F401  (registers the models)
 from .checks import create_model, one_line
+from . import config as C
 from .config import ConfigError
 from .evaluate import fit_linear_probe
 from .extract import extract_features
@@ -64,7 +65,7 @@ def few_shot_accuracy(features: torch.Tensor, labels: torch.Tensor, shots: int, 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='cpc-demo', description=__doc__,
+    parser = C.ArgumentParser(prog='cpc-demo', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default=DEFAULT_MODEL, help='timm name with tag, hf-hub: or local-dir:')
     parser.add_argument('--shots', type=int, nargs='+', default=[1, 5, 10, 20], help='labelled images per class')
@@ -74,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                'machine)')
     args = parser.parse_args(argv)
     if args.threads < 1:
-        return parser.exit(2, '--threads must be >= 1\n')
+        return C.usage_error('cpc-demo', f'--threads {args.threads}: must be >= 1')
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -36,17 +36,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import encoder  # noqa: F401  (registers the architectures with timm)
-from ._weights import CorruptWeightsError, check_weights_file
+from ._weights import WEIGHTS_NAME, CorruptWeightsError, check_weights_file
 from .atomic import atomic_file
+from .checkpoint import read_config, resolve_checkpoint
 from .checks import check_device, check_model_name, check_out_file, one_line
 from .checks import create_model as checked_create_model
+from . import config as C
 from .config import ConfigError
 from .images import ImageFiles, collate_readable, find_images
-from .runtime import Switch, channels_last_default, compile_default, compiled_method, resolve
+from .runtime import Switch, cap_workers, channels_last_default, compile_default, compiled_method, resolve
 
 __all__ = ['extract_features', 'extract_files', 'normalize', 'read_features', 'main']
 
 FORMAT = 'cpc-extract/1'
+# library messages name Python arguments; cpc-extract's errors name its flags
+FLAGS = {'create the model with pretrained=False': 'pass --no-pretrained (random weights)'}
 
 
 def _in_chans(model: torch.nn.Module, data_config: Dict) -> int:
@@ -153,7 +157,7 @@ def extract_files(
     paths = [Path(p) for p in paths]
     loader = DataLoader(
         ImageFiles(paths, _in_chans(model, data_config), transform), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=collate_readable, pin_memory=torch.device(device).type == 'cuda')
+        num_workers=cap_workers(num_workers), collate_fn=collate_readable, pin_memory=torch.device(device).type == 'cuda')
     model = model.eval().to(device)
     feats, kept, skipped = [], [], []
     bar = tqdm(total=len(paths), desc='cpc-extract', unit='img', disable=not progress, file=sys.stderr)
@@ -201,18 +205,37 @@ def _save(out: Path, features: torch.Tensor, kept: List[str], skipped: List[Tupl
         safetensors.torch.save_file({'features': features.contiguous()}, str(tmp), metadata=metadata)
 
 
+def checkpoint_weights(checkpoint: str) -> Tuple[Path, Dict]:
+    """The weights file ``checkpoint`` means and the model_args it was saved with: a .safetensors file ({}), a
+    published folder (model.safetensors, config.json), or a cpc-train step folder or run folder (its newest step:
+    encoder.safetensors, config.json), as cpc-eval and cpc-train --resume take them.
+
+    Raises:
+        FileNotFoundError, CorruptWeightsError, ValueError: saying what was expected.
+    """
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
+        folder = resolve_checkpoint(path)
+        return check_weights_file(folder / 'encoder.safetensors'), dict(read_config(folder).get('model_args') or {})
+    weights = check_weights_file(path)
+    config = path / 'config.json'
+    model_args = json.loads(config.read_text()).get('model_args') or {} if path.is_dir() and config.is_file() else {}
+    return weights, {k: v for k, v in model_args.items() if k != 'num_classes'}
+
+
 def create_model(name: str, pretrained: bool = True, checkpoint: Optional[str] = None) -> torch.nn.Module:
-    """The model for ``cpc-extract``: ``timm.create_model(name, pretrained)``, or the weights of ``checkpoint`` (a
-    safetensors file, loaded strictly through the model's checkpoint filter)."""
+    """The model for ``cpc-extract``: ``timm.create_model(name, pretrained)``, or the weights of ``checkpoint`` (see
+    :func:`checkpoint_weights`; loaded strictly through the model's checkpoint filter)."""
     if checkpoint:
         check_model_name(name)
-        check_weights_file(checkpoint)
-        return checked_create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+        weights, model_args = checkpoint_weights(checkpoint)
+        return checked_create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                                    **model_args)
     return checked_create_model(name, pretrained=pretrained)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = C.ArgumentParser(
         prog='cpc-extract', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Extract features of image files with a CPC (or any timm) model.\n\n'
                     '  cpc-extract --model cpcv2_resnet_tiny.fmnist images/ --out features.safetensors',
@@ -222,18 +245,20 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument('inputs', nargs='+', help='image files and/or folders (searched recursively)')
     data.add_argument('--batch-size', type=int, default=64, metavar='N', help='images per forward pass (default: 64)')
     data.add_argument('--workers', type=int, default=0, metavar='N',
-                      help='DataLoader processes decoding images; 0 = in this process (default: 0)')
+                      help='DataLoader processes decoding images, at most the cores available; 0 = in this '
+                           'process (default: 0)')
     model = parser.add_argument_group('model')
     model.add_argument('--model', required=True, metavar='NAME',
                        help='timm name with a published tag (cpcv2_resnet_tiny.fmnist), hf-hub:ORG/NAME or '
                             'local-dir:DIR (required)')
     model.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
                        help='load the published weights of --model (default: yes)')
-    model.add_argument('--checkpoint', default=None, metavar='FILE',
-                       help='weights to load instead: a .safetensors file, e.g. a cpc-train checkpoint\'s '
-                            'encoder.safetensors (default: none)')
+    model.add_argument('--checkpoint', default=None, metavar='PATH',
+                       help='weights to load instead: a .safetensors file, a published folder, or a cpc-train '
+                            'checkpoint (step folder, or run folder: its newest step) (default: none)')
     out = parser.add_argument_group('output')
-    out.add_argument('--out', required=True, metavar='FILE', help='the .safetensors file to write (required)')
+    out.add_argument('--out', required=True, metavar='FILE',
+                     help='the .safetensors file to write; a missing folder is created (required)')
     out.add_argument('--grid', action='store_true',
                      help='save the latent grid (N, C, rows, cols) instead of pooled (N, C) features (default: off)')
     runtime = parser.add_argument_group('runtime')
@@ -252,12 +277,12 @@ def _check_args(args) -> None:
     if args.workers < 0:
         raise ConfigError(f'--workers {args.workers}: must be >= 0')
     check_device(args.device)
-    check_out_file(args.out)
+    check_out_file(args.out, suffix='.safetensors')
     check_model_name(args.model)
     if args.checkpoint:
         try:
-            check_weights_file(args.checkpoint)
-        except (FileNotFoundError, CorruptWeightsError) as e:
+            checkpoint_weights(args.checkpoint)
+        except (FileNotFoundError, CorruptWeightsError, ValueError) as e:
             raise ConfigError(f'--checkpoint: {e}') from None
 
 
@@ -272,7 +297,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         paths = find_images(args.inputs)
         model = create_model(args.model, args.pretrained, args.checkpoint)
     except (ConfigError, ValueError, FileNotFoundError, CorruptWeightsError, RuntimeError) as e:
-        print(f'cpc-extract: error: {one_line(e)}', file=sys.stderr)
+        print(f'cpc-extract: error: {one_line(e, FLAGS)}', file=sys.stderr)
         return 2
     try:
         features, kept, skipped = extract_files(
@@ -289,11 +314,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not kept:
         print(f'cpc-extract: error: none of the {len(paths)} image(s) could be read; nothing written.', file=sys.stderr)
         return 2
+    created = next((p for p in reversed(Path(args.out).parents) if not p.exists()), None)
     _save(Path(args.out), features, kept, skipped, dict(
         model=args.model, checkpoint=args.checkpoint or '', grid=args.grid,
         data_config=timm.data.resolve_model_data_config(model)))
-    print(f'cpc-extract: wrote features {tuple(features.shape)} of {len(kept)} image(s) to {args.out}',
-          file=sys.stderr)
+    print(f'cpc-extract: wrote features {tuple(features.shape)} of {len(kept)} image(s) to {args.out}'
+          + (f' (created the folder {created})' if created else ''), file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,6 @@ CLI: ``python -m cpc_models.hub export --checkpoint DIR --out DIR --tag T [--pus
 ``python -m cpc_models.hub push FOLDER ORG/NAME`` and
 ``python -m cpc_models.hub cache FOLDER ORG/NAME [--cache-dir D]``.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -42,6 +41,7 @@ from . import encoder  # noqa: F401  (registers the architectures)
 from ._weights import WEIGHTS_NAME, CorruptWeightsError, check_weights_file, load_weights
 from .atomic import atomic_dir, atomic_file, write_text
 from .checkpoint import read_config, resolve_checkpoint
+from . import config as C
 from .checks import one_line
 
 __all__ = [
@@ -324,8 +324,12 @@ def add_to_hf_cache(folder: PathLike, repo_id: str, cache_dir: Optional[PathLike
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 
+# library messages name Python arguments; the command's errors name its flags
+FLAGS = {'overwrite=True': '--overwrite', 'token=...': '--token TOKEN', 'export_pretrained()': 'export'}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m cpc_models.hub', description=__doc__.split('\n\n')[0])
+    parser = C.ArgumentParser(prog='python -m cpc_models.hub', description=__doc__.split('\n\n')[0])
     sub = parser.add_subparsers(dest='cmd', required=True)
     p = sub.add_parser('export', help='cpc-train checkpoint folder -> published folder (optionally pushed)')
     p.add_argument('--checkpoint', required=True, help='checkpoint folder (encoder.safetensors + config.json)')
@@ -356,7 +360,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             commit = add_to_hf_cache(args.folder, args.repo_id, cache_dir=args.cache_dir)
             print(f'Added {args.folder} to the Hugging Face cache as {args.repo_id}@{commit}')
     except (FileNotFoundError, FileExistsError, CorruptWeightsError, RuntimeError, ValueError) as e:
-        print(f'python -m cpc_models.hub: error: {one_line(e)}', file=sys.stderr)
+        print(f'python -m cpc_models.hub: error: {one_line(e, FLAGS)}', file=sys.stderr)
         return 2
     return 0
 

@@ -37,7 +37,7 @@ from . import encoder as _encoder  # noqa: F401  (registers the cpc models with 
 from .atomic import write_text
 from .augment import PatchAugment, PatchAugmentConfig
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, resolve_checkpoint, save_checkpoint
-from .checks import check_device, check_model_name, one_line
+from .checks import check_device, check_model_name, check_out_dir, one_line
 from .data import (
     ImageFolderDataset,
     NoReadableImagesError,
@@ -52,7 +52,7 @@ from .distributed import init_distributed
 from .images import collate_readable
 from .objective import CPCObjective, ObjectiveConfig, ObjectiveOutput
 from .patches import patchify
-from .runtime import Switch, channels_last_default, compile_default, compile_method, resolve
+from .runtime import Switch, cap_workers, channels_last_default, compile_default, compile_method, resolve
 from .schedule import warmup_cosine
 
 __all__ = ['TrainConfig', 'PRESETS', 'build_config', 'check_config', 'CPCModel', 'build_model', 'build_optimizer',
@@ -73,7 +73,7 @@ class TrainConfig:
     data_dir: str = ''  # Fashion-MNIST IDX folder ('' = $CPC_FASHION_MNIST_DIR or the Debian package's)
     image_size: int = 0  # training crop; 0 = the model cfg's input size
     resize: int = 0  # short side before cropping (folders); 0 = image_size
-    num_workers: int = 0  # DataLoader processes decoding images
+    num_workers: int = 0  # DataLoader processes decoding images (at most the cores available)
     # a local batch without a readable image is refilled from the files after it; this many unreadable in a row: stop
     max_unreadable: int = 64
     # ---- optimization ----
@@ -163,6 +163,7 @@ def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
     """Everything about a run that can be checked before any work: ranges, model, device, data, resume, and the
     patch grid of the model on the data's images against the objective. Raises ConfigError naming the option."""
     world = world or int(os.environ.get('WORLD_SIZE', '1'))
+    check_out_dir(cfg.out_dir, '--out-dir')
     for key, low, low_open in (('batch_size', 1, False), ('epochs', 0, True), ('max_steps', 0, False),
                                ('lr', 0, True), ('warmup_steps', 0, False), ('weight_decay', 0, False),
                                ('grad_clip', 0, False), ('num_workers', 0, False), ('image_size', 0, False),
@@ -533,7 +534,7 @@ def train(cfg: TrainConfig) -> Dict:
     local_batch = cfg.batch_size // world
     total_steps = cfg.max_steps or int(cfg.epochs * sampler.steps_per_epoch)
     loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_readable, num_workers=cfg.num_workers,
+        dataset, batch_sampler=sampler, collate_fn=collate_readable, num_workers=cap_workers(cfg.num_workers),
         pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0, worker_init_fn=_ignore_sigint)
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     compiled = use_compile(cfg, device, total_steps)
@@ -724,6 +725,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if result['stopped'] is None:
+        if rank == 0:  # also when nothing else was printed (--progress false)
+            where = f'last checkpoint {result["checkpoint"]}' if result['checkpoint'] else 'no checkpoint written'
+            print(f'cpc-train: done at step {result["step"]}; {where}; metrics in '
+                  f'{Path(cfg.out_dir) / "metrics.jsonl"}', flush=True)
         return 0
     if rank == 0:
         print(f'resume with: {_resume_command(argv, world)}', flush=True)

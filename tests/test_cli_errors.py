@@ -153,12 +153,12 @@ def test_cpc_extract_checkpoint_kinds(images, tmp_path, capsys):
     safetensors.torch.save_file(timm.create_model(ARCH).state_dict(), named_pt)
     for ckpt, message in ((garbage, 'is not a weights file: neither safetensors nor a torch.save checkpoint'),
                           (named_pt, 'is a safetensors file named .pt; rename it to encoder.safetensors')):
-        rc = extract.main(['--model', ARCH, '--checkpoint', str(ckpt), str(images), '--out', str(tmp_path / 'f')])
+        rc = extract.main(['--model', ARCH, '--checkpoint', str(ckpt), str(images), '--out', str(tmp_path / 'f.safetensors')])
         line = _one_error_line(capsys.readouterr().err, 'cpc-extract')
         assert rc == 2 and message in line, line
     # and the renamed file loads
     renamed = named_pt.rename(tmp_path / 'encoder.safetensors')
-    assert extract.main(['--model', ARCH, '--checkpoint', str(renamed), str(images), '--out', str(tmp_path / 'f'),
+    assert extract.main(['--model', ARCH, '--checkpoint', str(renamed), str(images), '--out', str(tmp_path / 'f.safetensors'),
                          '--no-progress']) == 0
 
 
@@ -173,7 +173,7 @@ def test_cpc_extract_out_folder_is_refused_before_any_work(images, tmp_path, cap
 
 def test_cpc_extract_tag_typo_names_the_tags(images, tmp_path, capsys):
     """Was: "Invalid pretrained tag (fmnst)" without the valid tags."""
-    rc = extract.main(['--model', f'{ARCH}.fmnst', str(images), '--out', str(tmp_path / 'f')])
+    rc = extract.main(['--model', f'{ARCH}.fmnst', str(images), '--out', str(tmp_path / 'f.safetensors')])
     line = _one_error_line(capsys.readouterr().err, 'cpc-extract')
     assert rc == 2 and f'{ARCH} has no tag "fmnst" (did you mean fmnist?); its tags: fmnist' in line
 
@@ -207,14 +207,14 @@ def test_offline_hub_repo_not_cached_names_the_repo(images, tmp_path, capsys, mo
         checks.create_model('hf-hub:someone/uncached', pretrained=True, cache_dir=str(tmp_path / 'hf'))
     assert 'python -m cpc_models.hub cache FOLDER someone/uncached' in str(e.value)
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hf'))
-    rc = extract.main(['--model', 'hf-hub:someone/uncached', str(images), '--out', str(tmp_path / 'f')])
+    rc = extract.main(['--model', 'hf-hub:someone/uncached', str(images), '--out', str(tmp_path / 'f.safetensors')])
     line = _one_error_line(capsys.readouterr().err, 'cpc-extract')
     assert rc == 2 and '"someone/uncached"' in line and 'offline' in line
 
 
 def test_local_dir_missing_folder(images, tmp_path, capsys):
     """Was: timm's FileNotFoundError traceback."""
-    rc = extract.main(['--model', f'local-dir:{tmp_path / "nope"}', str(images), '--out', str(tmp_path / 'f')])
+    rc = extract.main(['--model', f'local-dir:{tmp_path / "nope"}', str(images), '--out', str(tmp_path / 'f.safetensors')])
     line = _one_error_line(capsys.readouterr().err, 'cpc-extract')
     assert rc == 2 and f'local-dir:{tmp_path / "nope"}: {tmp_path / "nope"} is not a folder' in line
 

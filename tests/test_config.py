@@ -69,7 +69,7 @@ def test_group_values_are_checked_together():
 
 @pytest.mark.parametrize('argv, message', [
     (['--lrr', '1'], 'unknown option --lrr (did you mean --lr?)'),
-    (['--inner-width', '1'], 'unknown option --inner_width (did you mean --inner.width?)'),
+    (['--inner-width', '1'], 'unknown option --inner-width (did you mean --inner.width?)'),
     (['--inner.depth', '1'], 'unknown option --inner.depth; the inner group has: width, scale, names'),
     (['--inner', '{"depth": 1}'], 'unknown option --inner.depth; the inner group has'),
     (['--lr'], '--lr expects a value (FLOAT)'),

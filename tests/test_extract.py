@@ -106,23 +106,23 @@ def test_cli_checkpoint(model, images, tmp_path, capsys):
     bad = tmp_path / 'bad.safetensors'
     bad.write_bytes(ckpt.read_bytes()[:1000])
     capsys.readouterr()
-    assert extract.main(['--model', ARCH, '--checkpoint', str(bad), str(images), '--out', str(tmp_path / 'x.st')]) == 2
+    assert extract.main(['--model', ARCH, '--checkpoint', str(bad), str(images), '--out', str(tmp_path / 'x.safetensors')]) == 2
     err = capsys.readouterr().err
     assert 'bad.safetensors' in err and 'truncated or corrupt' in err
     assert not (tmp_path / 'x.st').exists()
 
 
 def test_cli_errors(images, tmp_path, capsys):
-    assert extract.main(['--model', 'cpcv2_resnet_tyni', str(images), '--out', str(tmp_path / 'o')]) == 2
+    assert extract.main(['--model', 'cpcv2_resnet_tyni', str(images), '--out', str(tmp_path / 'o.safetensors')]) == 2
     err = capsys.readouterr().err
     assert '--model cpcv2_resnet_tyni: unknown model (did you mean cpcv2_resnet_tiny' in err
     no_weights = 'cpcv2_resnet_small'
-    assert extract.main(['--model', no_weights, str(images), '--out', str(tmp_path / 'o')]) == 2
+    assert extract.main(['--model', no_weights, str(images), '--out', str(tmp_path / 'o.safetensors')]) == 2
     assert 'No pretrained weights are published' in capsys.readouterr().err
-    assert extract.main(['--model', ARCH, '--no-pretrained', str(tmp_path / 'missing'), '--out', 'o']) == 2
+    assert extract.main(['--model', ARCH, '--no-pretrained', str(tmp_path / 'missing'), '--out', 'o.safetensors']) == 2
     assert 'No such image file or folder' in capsys.readouterr().err
     assert extract.main(['--model', ARCH, '--no-pretrained', str(images / 'sub' / 'g_corrupt.png'),
-                         '--out', str(tmp_path / 'o')]) == 2
+                         '--out', str(tmp_path / 'o.safetensors')]) == 2
     assert 'none of the 1 image(s) could be read' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

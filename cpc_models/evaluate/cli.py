@@ -1,6 +1,5 @@
 """``cpc-eval``: ``figure1`` (options: every EvalConfig field, parsed by cpc_models.config), ``probe`` (ProbeConfig),
 ``plot``, ``merge``."""
-import argparse
 import json
 import os
 import shlex
@@ -13,9 +12,12 @@ from ..checks import one_line
 from .eval_config import EvalConfig
 from .figure1 import EvalInputError, check_config, merge_results, report, run_figure1, section
 from .probe import ProbeConfig, check_probe, format_probe, run_probe
-from .report import replace_section, write_results
+from .report import check_plotting, replace_section, write_results
 
-__all__ = ['main']
+__all__ = ['main', 'COMMANDS']
+
+COMMANDS = ('figure1', 'probe', 'plot', 'merge')
+WRITTEN = ('results.json', 'table.md', 'figure1.png')  # what figure1, plot and merge write to their folder
 
 USAGE = '''cpc-eval figure1 --checkpoint CKPT --out DIR [--KEY VALUE ...]   run the arms over fractions and seeds
 cpc-eval probe --checkpoint CKPT [--KEY VALUE ...]                val-split linear probe at 1% labels (pooled, grid)
@@ -37,7 +39,7 @@ def _read_results(folder: Path, command: str) -> Dict:
 
 
 def _plot_or_merge(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog='cpc-eval', usage=USAGE)
+    p = C.ArgumentParser(prog='cpc-eval', usage=USAGE)
     sub = p.add_subparsers(dest='command', required=True)
     plot = sub.add_parser('plot', help='table.md and figure1.png again')
     plot.add_argument('out', type=Path, help='a figure1 output folder (with results.json)')
@@ -49,6 +51,7 @@ def _plot_or_merge(argv: List[str]) -> int:
                                             'only the runs of those arms from it')
     args = p.parse_args(argv)
     try:
+        check_plotting()
         if args.command == 'merge':
             parts = [_part(p) for p in args.parts]
             payload = merge_results([_read_results(folder, 'merge') for folder, _ in parts], [t for _, t in parts])
@@ -72,6 +75,9 @@ def _plot_or_merge(argv: List[str]) -> int:
     if getattr(args, 'card', None):
         replace_section(args.card, section(payload, 'figure1.png'))
         (args.card.parent / 'figure1.png').write_bytes((args.out / 'figure1.png').read_bytes())
+    also = ''.join(f', and its section into {md}' for md in (getattr(args, 'readme', None), getattr(args, 'card', None))
+                   if md)
+    print(f'cpc-eval {args.command}: wrote {", ".join(WRITTEN)} to {args.out}{also}')
     return 0
 
 
@@ -103,6 +109,8 @@ def _probe(argv: List[str]) -> int:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
     print(format_probe(res))
+    print(f'cpc-eval probe: wrote {cfg.out}' if cfg.out else 'cpc-eval probe: done (printed only; --out FILE.json '
+                                                            'also writes it)')
     return 0
 
 
@@ -112,6 +120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ('-h', '--help'):
         print(f'usage:\n{USAGE}\n\ncpc-eval figure1 --help lists every option; docs/evaluation.md the protocols.')
         return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        return C.usage_error('cpc-eval', f'unknown command {argv[0]!r}{C.did_you_mean(argv[0], COMMANDS)}; choose '
+                                         f'from {", ".join(COMMANDS)}')
     if argv[0] == 'probe':
         return _probe(argv[1:])
     if argv[0] != 'figure1':
@@ -122,6 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_config(cfg)
         if not cfg.out:
             raise C.ConfigError('--out: give the folder for results.json, table.md and figure1.png')
+        check_plotting()
     except ValueError as e:
         return C.usage_error(prog, one_line(e))
     command = 'python -m cpc_models.evaluate ' + ' '.join(shlex.quote(a) for a in argv)
@@ -130,4 +142,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     except EvalInputError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
+    print(f'{prog}: wrote {", ".join(WRITTEN)} to {cfg.out}')
     return 0

@@ -94,7 +94,7 @@ def check_probe(cfg: ProbeConfig) -> None:
     except FileNotFoundError as e:
         raise C.ConfigError(f'--data-dir: {e}') from None
     if cfg.out:
-        check_out_file(cfg.out, '--out')
+        check_out_file(cfg.out, '--out', suffix='.json')
 
 
 def run_probe(cfg: ProbeConfig) -> Dict:

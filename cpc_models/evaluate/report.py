@@ -9,9 +9,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..atomic import atomic_file, write_text
+from ..config import ConfigError
 
 __all__ = ['summarize', 'pick_best_cpc', 'check_targets', 'format_table', 'format_training', 'format_cost',
-           'plot_figure1', 'format_section', 'write_report', 'write_results', 'replace_section', 'BEST_CPC']
+           'plot_figure1', 'check_plotting', 'PLOT_EXTRA', 'format_section', 'write_report', 'write_results', 'replace_section', 'BEST_CPC']
 
 BEST_CPC = 'best_cpc'  # the pseudo-arm: per fraction, the CPC arm with the best selection-half accuracy
 BASELINE = 'supervised'
@@ -169,6 +170,18 @@ def format_cost(payload: Dict, labels: Dict[str, str]) -> str:
             lines.append(f'| feature extraction, {what} encoder | {sum(f"extract_{what}_s" in p for p in parts)} '
                          f'| {c:,.0f} | {w:,.0f} |')
     return '\n'.join(lines)
+
+
+PLOT_EXTRA = "pip install 'cpc-models[plot]'"
+
+
+def check_plotting(what: str = 'figure1.png') -> None:
+    """Before any work: matplotlib, which draws ``what``, is installed (it is the optional [plot] extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError(f'{what} is drawn with matplotlib, which is not installed: {PLOT_EXTRA} (the [plot] extra) '
+                          f'or pip install matplotlib') from None
 
 
 def plot_figure1(summary: Dict, arms: Sequence[str], path: Path, labels: Dict[str, str], styles: Dict[str, Dict],
