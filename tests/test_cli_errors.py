@@ -376,3 +376,192 @@ def test_gpu_run_script_needs_an_interpreter_with_torch(tmp_path):
     assert f'gpu_run.sh: {sys.executable}, writing {tmp_path / "out"}/cuda.json' in res.stdout
     if not torch.cuda.is_available():
         assert res.returncode == 2 and '--device cuda: this machine has no usable CUDA GPU' in res.stdout
+
+
+# ============ issue 24: one behaviour for every command line ============
+# Each test names the rough edge (1-11) it covers and what happened before.
+
+def _rc_err(main, argv, capsys):
+    """(exit status, stderr) of a main that returns its status or raises SystemExit (argparse, config.fail)."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def _demo(argv):
+    from cpc_models.demo import main as demo_main
+    return demo_main(argv)
+
+
+@pytest.mark.parametrize('main, argv, prog, message', [
+    # 6: was five lines of usage without the typo, nothing suggested, or a prefix taken for a flag
+    (extract.main, ['--modle', ARCH, 'x.png', '--out', 'f.safetensors'], 'cpc-extract',
+     'unknown option --modle (did you mean --model?)'),
+    (extract.main, ['--model', ARCH, 'x.png', '--out', 'f.safetensors', '--no-progres'], 'cpc-extract',
+     'unknown option --no-progres (did you mean --no-progress?)'),
+    (extract.main, ['--mod', ARCH, 'x.png', '--out', 'f.safetensors'], 'cpc-extract', 'unknown option --mod'),
+    (train.main, ['--learning-rate', '1e-3'], 'cpc-train', 'unknown option --learning-rate (did you mean --lr?)'),
+    (train.main, ['--batch', '8'], 'cpc-train', 'unknown option --batch (did you mean --batch-size'),
+    (_demo, ['--thread', '2'], 'cpc-demo', 'unknown option --thread (did you mean --threads?)'),
+    (hub.main, ['export', '--checkpoint', 'c', '--out', 'o', '--tag', 't', '--overwrit'], 'python -m cpc_models.hub',
+     'unknown option --overwrit (did you mean --overwrite?)'),
+    (hub.main, ['export', '--check', 'c', '--out', 'o', '--tag', 't'], 'python -m cpc_models.hub export',
+     'unknown option --check (did you mean --checkpoint?)'),
+    (eval_cli.main, ['figure1', '--checkpoint', 'random', '--out', 'o', '--fraction', '0.1'], 'cpc-eval figure1',
+     'unknown option --fraction (did you mean --fractions'),
+    (eval_cli.main, ['probe', '--checkpoint', 'random', '--seed', '1'], 'cpc-eval probe',
+     'unknown option --seed (did you mean --seeds'),
+    (eval_cli.main, ['plot', 'dir', '--readm', 'x.md'], 'cpc-eval', 'unknown option --readm (did you mean --readme?)'),
+    # 4: was "invalid choice: 'prob' (choose from 'plot', 'merge')"
+    (eval_cli.main, ['prob'], 'cpc-eval', "unknown command 'prob' (did you mean probe?); choose from figure1, probe, "
+                                          "plot, merge"),
+    (eval_cli.main, ['figure'], 'cpc-eval', "unknown command 'figure' (did you mean figure1?)"),
+    (hub.main, ['exprt'], 'python -m cpc_models.hub', "unknown command 'exprt' (did you mean export?); choose from "
+                                                     "export, push, cache"),
+])
+def test_a_typo_is_named_with_a_suggestion_in_one_line(main, argv, prog, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, err = _rc_err(main, argv, capsys)
+    line = _one_error_line(err, prog)
+    assert rc == 2 and message in line, line
+    assert not list(tmp_path.iterdir())  # before any work
+
+
+def test_no_prefix_abbreviation_in_any_parser():
+    """6: `cpc-demo --thread 2` was taken as --threads 2 (argparse's allow_abbrev)."""
+    from cpc_models.config import ArgumentParser
+    p = ArgumentParser(prog='x')
+    p.add_argument('--threads', type=int)
+    with pytest.raises(SystemExit):
+        p.parse_args(['--thread', '2'])
+    assert extract._parser().allow_abbrev is False
+
+
+def test_cpc_train_out_dir_that_is_a_file(fmnist_dir, tmp_path, capsys, monkeypatch):
+    """1: was the config printed, then a FileExistsError traceback, exit 1."""
+    monkeypatch.setenv('CPC_FASHION_MNIST_DIR', str(fmnist_dir))
+    afile = tmp_path / 'afile.txt'
+    afile.write_text('mine')
+    for out_dir in (afile, afile / 'run'):
+        rc, err = _rc_err(train.main, TRAIN + ['--out-dir', str(out_dir)], capsys)
+        line = _one_error_line(err, 'cpc-train')
+        assert rc == 2 and f'--out-dir {out_dir}: is' in line and 'give a folder' in line, line
+    assert afile.read_text() == 'mine' and sorted(p.name for p in tmp_path.iterdir()) == ['afile.txt']
+
+
+def test_plot_paths_name_the_extra_when_matplotlib_is_missing(fmnist_dir, tmp_path, capsys, monkeypatch):
+    """2: was `ModuleNotFoundError: No module named 'matplotlib'` with a traceback, for figure1 only at the end."""
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # what `import matplotlib` sees without the [plot] extra
+    monkeypatch.setenv('CPC_FASHION_MNIST_DIR', str(fmnist_dir))
+    (tmp_path / 'res').mkdir()
+    (tmp_path / 'res' / 'results.json').write_text('{}')
+    for argv, prog in ((['plot', str(tmp_path / 'res')], 'cpc-eval plot'),
+                       (['merge', str(tmp_path / 'merged'), str(tmp_path / 'res')], 'cpc-eval merge'),
+                       (['figure1', '--checkpoint', 'random', '--out', str(tmp_path / 'fig')], 'cpc-eval figure1')):
+        rc, err = _rc_err(eval_cli.main, argv, capsys)
+        line = _one_error_line(err, prog)
+        assert rc == 2 and "pip install 'cpc-models[plot]'" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['res']  # nothing written, no run started
+    readme = (ROOT / 'README.md').read_text()
+    assert "pip install 'cpc-models[plot]'" in readme  # the README names the extra
+
+
+def test_cpc_extract_takes_a_step_folder_like_cpc_eval_and_resume(images, tmp_path, capsys):
+    """3: was refused, with a hint to export into the checkpoint folder itself."""
+    run = tmp_path / 'run'
+    step = run / 'checkpoints' / 'step_00000020'
+    step.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, stem_chs=16)
+    safetensors.torch.save_file(model.state_dict(), step / 'encoder.safetensors')
+    (step / 'config.json').write_text(json.dumps(dict(model=ARCH, model_args=dict(stem_chs=16))))
+    for ckpt in (step, run):  # the step folder, and the run folder (its newest step)
+        out = tmp_path / f'{ckpt.name}.safetensors'
+        assert extract.main(['--model', ARCH, '--checkpoint', str(ckpt), str(images), '--out', str(out),
+                             '--no-progress']) == 0, capsys.readouterr().err
+        assert safetensors.torch.load_file(out)['features'].shape == (48, model.num_features)
+    capsys.readouterr()
+    (tmp_path / 'empty').mkdir()
+    rc = extract.main(['--model', ARCH, '--checkpoint', str(tmp_path / 'empty'), str(images), '--out',
+                       str(tmp_path / 'f.safetensors')])
+    assert rc == 2 and 'not a cpc-train checkpoint' in _one_error_line(capsys.readouterr().err, 'cpc-extract')
+    from cpc_models._weights import check_weights_file
+    with pytest.raises(FileNotFoundError) as e:
+        check_weights_file(step)
+    assert f'--checkpoint {step} --out NEW_FOLDER' in str(e.value)  # was: --out <the checkpoint folder itself>
+
+
+def test_errors_are_phrased_in_flags(images, tmp_path, capsys, monkeypatch):
+    """5: was pretrained=False for --no-pretrained, overwrite=True for --overwrite, token=... for --token."""
+    rc, err = _rc_err(extract.main, ['--model', 'cpcv2_resnet_small', str(images), '--out',
+                                     str(tmp_path / 'f.safetensors')], capsys)
+    line = _one_error_line(err, 'cpc-extract')
+    assert rc == 2 and '--no-pretrained' in line and 'pretrained=False' not in line, line
+    ckpt = tmp_path / 'step_00000001'
+    ckpt.mkdir()
+    safetensors.torch.save_file(timm.create_model(ARCH).state_dict(), ckpt / 'encoder.safetensors')
+    (ckpt / 'config.json').write_text(json.dumps(dict(model=ARCH, model_args={})))
+    (tmp_path / 'pub').mkdir()
+    rc, err = _rc_err(hub.main, ['export', '--checkpoint', str(ckpt), '--out', str(tmp_path / 'pub'), '--tag', 't'],
+                      capsys)
+    line = _one_error_line(err, 'python -m cpc_models.hub')
+    assert rc == 2 and '--overwrite' in line and 'overwrite=True' not in line, line
+    import huggingface_hub.constants
+    for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_TOKEN_PATH', str(tmp_path / 'token'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_STORED_TOKENS_PATH', str(tmp_path / 'stored_tokens'))
+    hub.main(['export', '--checkpoint', str(ckpt), '--out', str(tmp_path / 'pub2'), '--tag', 't'])
+    rc, err = _rc_err(hub.main, ['push', str(tmp_path / 'pub2'), 'someone/x'], capsys)
+    line = _one_error_line(err, 'python -m cpc_models.hub')
+    assert rc == 2 and '--token TOKEN' in line and 'token=...' not in line, line
+
+
+def test_worker_counts_are_capped_to_the_cores(images, monkeypatch):
+    """7: was 4 DataLoader workers on a 2-core CPU (the stl10_small preset): torch warned twice, 2 steps took 2m39s.
+    More workers than cores are asked for; no 'worker processes in total' warning comes, and the cap follows the
+    cores this process may use."""
+    import warnings
+    from cpc_models import runtime
+    cores = runtime.available_cores()
+    assert runtime.cap_workers(0) == 0 and runtime.cap_workers(cores + 3) == cores
+    assert train.PRESETS['stl10_small']['num_workers'] > 2  # the preset of the report, beyond this machine's cores
+    model = timm.create_model(f'{ARCH}.fmnist', pretrained=True).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        _, kept, _ = extract.extract_files(model, sorted(images.iterdir())[:4], batch_size=2, num_workers=cores + 3,
+                                           progress=False)
+    assert len(kept) == 4
+    assert not [w for w in caught if 'worker processes in total' in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_final_line_says_what_was_written_with_progress_off(fmnist_dir, images, tmp_path, capsys, monkeypatch):
+    """8: `cpc-train --progress false` printed nothing after the header, and never where its last checkpoint is."""
+    monkeypatch.setenv('CPC_FASHION_MNIST_DIR', str(fmnist_dir))
+    out = tmp_path / 'run'
+    argv = TRAIN + ['--batch-size', '8', '--objective.context_hidden', '16', '--num-workers', '0', '--max-steps', '1',
+                    '--progress', 'false', '--out-dir', str(out)]
+    assert train.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f'cpc-train: done at step 1; last checkpoint {out / "checkpoints" / "step_00000001"}; metrics in '
+                    f'{out / "metrics.jsonl"}'), last
+    assert (out / 'checkpoints' / 'step_00000001' / 'encoder.safetensors').is_file()
+
+
+def test_cpc_extract_out_suffix_and_missing_folder(images, fmnist_dir, tmp_path, capsys, monkeypatch):
+    """9: `--out f.npy` silently wrote safetensors under that name; a missing --out folder was created silently."""
+    for name, hint in (('f.npy', 'f.safetensors'), ('features', 'features.safetensors')):
+        rc, err = _rc_err(extract.main, ['--model', f'{ARCH}.fmnist', str(images), '--out', str(tmp_path / name)],
+                          capsys)
+        line = _one_error_line(err, 'cpc-extract')
+        assert rc == 2 and 'name it .safetensors' in line and str(tmp_path / hint) in line, line
+    assert not list(tmp_path.iterdir())
+    out = tmp_path / 'new' / 'deeper' / 'f.safetensors'  # decided: created, and the final line says so
+    assert extract.main(['--model', f'{ARCH}.fmnist', str(images), '--out', str(out), '--no-progress']) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f'cpc-extract: wrote features (48, 256) of 48 image(s) to {out} (created the folder {tmp_path / "new"})'
+    monkeypatch.setenv('CPC_FASHION_MNIST_DIR', str(fmnist_dir))
+    rc, err = _rc_err(eval_cli.main, ['probe', '--checkpoint', 'random', '--out', str(tmp_path / 'p.txt')], capsys)
+    assert rc == 2 and 'name it .json' in _one_error_line(err, 'cpc-eval probe')
