@@ -41,15 +41,37 @@ def naive_contexts(obj: CPCObjective, z: torch.Tensor) -> dict[str, torch.Tensor
     return out
 
 
-def naive_cpc(obj: CPCObjective, z: torch.Tensor, contexts: dict[str, torch.Tensor] | None = None):
+def own_heads(obj: CPCObjective, seed: int = 0) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+    """The reference's own predictor of every (direction, offset): a (W, b) pair of fresh float64 leaf tensors,
+    drawn independently of the module (so they are distinct whatever the module does)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (obj.target_dim, obj.latent_channels)
+    return {(d, k): (torch.randn(shape, generator=g, dtype=torch.float64).mul_(0.3).requires_grad_(),
+                     torch.randn(shape[0], generator=g, dtype=torch.float64).mul_(0.3).requires_grad_())
+            for d in obj.directions for k in obj.offsets}
+
+
+def load_heads(obj: CPCObjective, heads) -> None:
+    """Copy the reference's heads into the module's predictors, by name (``predictors.<d>.k<k>``)."""
+    with torch.no_grad():
+        for (d, k), (w, b) in heads.items():
+            obj.predictors[d][f'k{k}'].weight.copy_(w)
+            obj.predictors[d][f'k{k}'].bias.copy_(b)
+
+
+def naive_cpc(obj: CPCObjective, z: torch.Tensor, contexts: dict[str, torch.Tensor] | None = None, heads=None):
     """The appendix's CPC loss written out anchor by anchor, in image coordinates and float64.
 
     For every direction d and offset k, each anchor (b, i, j) whose target (b, i + k*di, j + k*dj) is on the grid
     predicts emb_scale * W_dk c_d[b, :, i, j] and is scored against every target vector of the batch; the
     task loss is the mean cross-entropy over its anchors, the loss the mean over tasks.
-    `contexts` ({direction: (B, C, R, W)}) defaults to :func:`naive_contexts`.
+    `contexts` ({direction: (B, C, R, W)}) defaults to :func:`naive_contexts`; `heads` ({(d, k): (W, b)}, see
+    :func:`own_heads`) to the module's own predictors.
     Returns (loss, {task: accuracy}, {(task, b, i, j): the anchor's term of its task's mean}).
     """
+    if heads is None:
+        heads = {(d, k): (obj.predictors[d][f'k{k}'].weight, obj.predictors[d][f'k{k}'].bias)
+                 for d in obj.directions for k in obj.offsets}
     B, _, R, W = z.shape
     contexts = naive_contexts(obj, z) if contexts is None else contexts
     z, contexts = z.double(), {d: c.double() for d, c in contexts.items()}
@@ -60,13 +82,13 @@ def naive_cpc(obj: CPCObjective, z: torch.Tensor, contexts: dict[str, torch.Tens
     for d in obj.directions:
         di, dj = STEP[d]
         for k in obj.offsets:
-            head = obj.predictors[d][f'k{k}']
+            head_w, head_b = heads[d, k]
             losses, hits, keys = [], [], []
             for b, i, j in positions:
                 ti, tj = i + k * di, j + k * dj
                 if not (0 <= ti < R and 0 <= tj < W):
                     continue
-                pred = obj.emb_scale * (head.weight.double() @ contexts[d][b, :, i, j] + head.bias.double())
+                pred = obj.emb_scale * (head_w.double() @ contexts[d][b, :, i, j] + head_b.double())
                 logits = targets @ pred
                 label = positions.index((b, ti, tj))
                 losses.append(torch.logsumexp(logits, 0) - logits[label])
@@ -85,20 +107,51 @@ def test_matches_naive_loop(directions, shared_context):
     obj = CPCObjective(6, context_hidden=8, context_blocks=2, target_dim=5, offsets=(1, 2), directions=directions,
                        shared_context=shared_context, emb_scale=0.7).double()
     z = torch.randn(3, 6, 4, 5, dtype=torch.float64, requires_grad=True)  # non-square grid
-    params = [z] + list(obj.parameters())
+    # The reference's predictors are its own tensors, one (W, b) per (direction, offset), loaded into the module by
+    # name: a module that shared one W across offsets (or directions) would compute with the last one loaded.
+    heads = own_heads(obj, seed=directions)
+    load_heads(obj, heads)
+    names = [n for n, _ in obj.named_parameters()]
+    own = {f'predictors.{d}.k{k}.{part}': t for (d, k), wb in heads.items() for part, t in zip(('weight', 'bias'), wb)}
+    assert set(own) <= set(names) and len(own) == 2 * len(obj.directions) * len(obj.offsets)
 
     out = obj(z)
-    grads = torch.autograd.grad(out.loss, params)
-    ref_loss, ref_acc, _ = naive_cpc(obj, z)
-    ref_grads = torch.autograd.grad(ref_loss, params)
+    grads = torch.autograd.grad(out.loss, [z] + list(obj.parameters()))
+    ref_loss, ref_acc, _ = naive_cpc(obj, z, heads=heads)
+    ref_params = [own.get(n, p) for n, p in obj.named_parameters()]
+    ref_grads = torch.autograd.grad(ref_loss, [z] + ref_params)
 
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-10, rtol=0)
-    for (name, _), g, rg in zip([('z', z)] + list(obj.named_parameters()), grads, ref_grads, strict=True):
+    for name, g, rg in zip(['z'] + names, grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, atol=1e-10, rtol=0, msg=f'gradient of {name} differs')
     assert set(out.metrics) == {f'acc/{t}' for t in ref_acc} | {'acc'}
     for task, acc in ref_acc.items():
         assert out.metrics[f'acc/{task}'].item() == pytest.approx(acc)
     assert out.metrics['acc'].item() == pytest.approx(sum(ref_acc.values()) / len(ref_acc))
+
+
+@pytest.mark.parametrize('directions', [1, 4])
+def test_every_direction_and_offset_has_its_own_predictor(directions):
+    """Paper (appendix A.2, and the CPC v1 pseudo-code): one linear prediction W_k per offset k (and per direction):
+    distinct parameter tensors, each with its own initial values and its own gradient."""
+    torch.manual_seed(0)
+    obj = CPCObjective(6, context_hidden=8, context_blocks=1, target_dim=5, offsets=(1, 2, 3), directions=directions)
+    heads = [obj.predictors[d][f'k{k}'] for d in obj.directions for k in obj.offsets]
+    assert len(heads) == 3 * directions
+    params = [p for h in heads for p in (h.weight, h.bias)]
+    assert len({id(p) for p in params}) == len(params)  # no module or tensor shared
+    assert len({p.data_ptr() for p in params}) == len(params)  # nor storage
+    weights = [h.weight for h in heads]
+    for a in range(len(weights)):
+        for b in range(a):
+            assert not torch.equal(weights[a], weights[b]), (a, b)
+    z = torch.randn(2, 6, 5, 5)
+    obj(z).loss.backward()
+    grads = [h.weight.grad for h in heads]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    for a in range(len(grads)):
+        for b in range(a):
+            assert not torch.allclose(grads[a], grads[b]), (a, b)  # each offset's task trains its own W
 
 
 def _capture_context(obj: CPCObjective) -> list:
