@@ -250,6 +250,22 @@ def test_op_choice_is_per_patch():
         assert 0.15 < chosen.count(name) / n < 0.35, (name, chosen.count(name))
 
 
+@pytest.mark.parametrize('masked', [False, True])
+def test_op_choice_is_per_patch_on_distinct_patches(masked):
+    """A second, independent check of the per-patch op choice: distinct random patches (not copies), ops told apart
+    by arithmetic alone (Invert is exactly 1 - x; Equalize is not), both code paths (masked and indexed), several
+    seeds. Each patch draws its own op, so about half the patches of every batch are inverted; an op drawn once per
+    batch would invert all or none."""
+    n = 256
+    aug = PatchAugment(aa(('Invert', 'Equalize'), 5.0), masked=masked)
+    for seed in range(4):
+        x = pixels(n, 3, 8, seed=seed + 1)
+        y = aug(x, gen(seed))
+        inverted = ((y - (1 - x)).flatten(1).abs().amax(1) < 1e-6).float()
+        assert 0.35 < inverted.mean().item() < 0.65, (seed, inverted.mean().item())
+        assert not torch.equal(y[inverted == 0], (1 - x)[inverted == 0])  # the others got Equalize, not Invert
+
+
 @pytest.mark.parametrize('name', ['Invert', 'Rotate'])
 def test_apply_flag_is_per_patch(name):
     x = smooth_patch(16)
