@@ -6,7 +6,11 @@ requested level: index 0 is the stem, i the i-th stack, (B, C_i, H / r_i, W / r_
 ``FeaturePyramidNetwork`` turns them into same-width maps for the RPN and RoI heads.
 
     python examples/faster_rcnn.py                           # tiny encoder, random init, synthetic boxes, CPU
-    python examples/faster_rcnn.py --model cpcv2_resnet50.<tag> --pretrained --image-size 256 --out-indices 1 2 3 4
+    python examples/faster_rcnn.py --model cpcv2_resnet_tiny_wide.fmnist --pretrained --out-indices 1 2 3
+
+The second starts from the published (bundled) Fashion-MNIST weights. No ImageNet-scale tag is published yet: for a
+``cpcv2_resnet50`` you trained, pass ``--model cpcv2_resnet50 --checkpoint <its encoder.safetensors> --image-size 256
+--out-indices 1 2 3 4``. tests/test_faster_rcnn_example.py runs every command of this docstring (for 1 step).
 
 The synthetic task: filled (class 1) and outlined (class 2) rectangles on a noisy background.
 """

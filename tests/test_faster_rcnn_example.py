@@ -50,3 +50,16 @@ def test_main_runs(example, capsys):
     example.main(['--steps', '1', '--batch-size', '1', '--image-size', '32', '--fpn-channels', '16'])
     out = capsys.readouterr().out
     assert 'step    1' in out and 'loss_classifier' in out and 'detections' in out
+
+
+def test_every_command_of_the_docstring_runs(example, capsys):
+    """Was: the docstring's `--model cpcv2_resnet50.<tag> --pretrained` named a tag that does not exist."""
+    import shlex
+    commands = [line.split('#')[0].split() for line in example.__doc__.splitlines()
+                if line.strip().startswith('python examples/faster_rcnn.py')]
+    assert len(commands) >= 2
+    for argv in commands:
+        torch.manual_seed(0)
+        example.main(argv[2:] + ['--steps', '1', '--batch-size', '1'])
+        out = capsys.readouterr().out
+        assert 'step    1' in out and 'image 1:' in out, shlex.join(argv)

@@ -93,3 +93,27 @@ def test_superseded_card_keeps_the_table_of_its_own_run():
     card = (ROOT / 'weights' / 'cpcv2_resnet_tiny.fmnist' / 'README.md').read_text()
     card_rows = [line for line in card.split('## Evaluation', 1)[1].splitlines() if line.startswith('| ')]
     assert len(card_rows) > 8 and [row for row in card_rows if row not in sources] == []
+
+
+def test_cpc_train_help_quotes_the_measured_epoch_time():
+    """Was: `cpc-train --help` said fmnist_tiny takes "~minutes per epoch" while docs/training.md measured 65 min."""
+    from cpc_models import train
+    training = (ROOT / 'docs' / 'training.md').read_text()
+    row = next(line for line in training.splitlines() if line.startswith('| `fmnist_tiny` (800 steps'))
+    images, seconds = re.search(r'800 x (\d+) images in ([\d,]+) s', row).groups()
+    rate = 800 * int(images) / int(seconds.replace(',', ''))
+    minutes = round(60000 / rate / 60)  # one epoch of Fashion-MNIST's 60,000 training images
+    assert f'| {minutes} min at that rate |' in row
+    for text in (train.__doc__, training):
+        assert f'~{minutes} min per epoch on 2 cores' in text
+    assert 'minutes per epoch' not in train.__doc__ + training
+
+
+def test_pyproject_license_is_the_spdx_id_of_the_license_file():
+    """Was: the TOML-table `license = { text = ... }`, which every install warned is deprecated."""
+    import tomllib
+    project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
+    assert project['license'] == 'Apache-2.0' and project['license-files'] == ['LICENSE']
+    head = ' '.join((ROOT / 'LICENSE').read_text().split()[:5])
+    assert head == 'Apache License Version 2.0, January'
+    assert not any(c.startswith('License ::') for c in project.get('classifiers', []))  # PEP 639: not both

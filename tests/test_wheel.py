@@ -2,6 +2,7 @@
 checkout, every bundled checkpoint loaded from it through timm with the Hub offline, and the demo run from it."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -64,6 +65,9 @@ def test_wheel_carries_weights_and_runs_outside_the_checkout(tmp_path):
             assert f'cpc_models/weights/{name}/{f}' in files
     assert 'cpc_models/assets/fashion_mnist_sample.safetensors' in files
     assert wheel.stat().st_size < 5 * 2 ** 20  # small checkpoints only
+    # the size docs/hub.md publishes is this wheel's, within 10% (code changes move it a little)
+    published = float(re.search(r'The\s+wheel is ([\d.]+) MB', (ROOT / 'docs' / 'hub.md').read_text()).group(1))
+    assert abs(wheel.stat().st_size / 1e6 - published) <= 0.1 * published, (wheel.stat().st_size, published)
 
     site = tmp_path / 'site'
     _run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', '--target', site, wheel],
