@@ -519,7 +519,7 @@ def test_errors_are_phrased_in_flags(images, tmp_path, capsys, monkeypatch):
     assert rc == 2 and '--token TOKEN' in line and 'token=...' not in line, line
 
 
-def test_worker_counts_are_capped_to_the_cores(images, monkeypatch):
+def test_worker_counts_are_capped_to_the_cores(images, fmnist_dir, tmp_path, monkeypatch, capsys):
     """7: was 4 DataLoader workers on a 2-core CPU (the stl10_small preset): torch warned twice, 2 steps took 2m39s.
     More workers than cores are asked for; no 'worker processes in total' warning comes, and the cap follows the
     cores this process may use."""
@@ -534,6 +534,12 @@ def test_worker_counts_are_capped_to_the_cores(images, monkeypatch):
         _, kept, _ = extract.extract_files(model, sorted(images.iterdir())[:4], batch_size=2, num_workers=cores + 3,
                                            progress=False)
     assert len(kept) == 4
+    assert not [w for w in caught if 'worker processes in total' in str(w.message)], [str(w.message) for w in caught]
+    monkeypatch.setenv('CPC_FASHION_MNIST_DIR', str(fmnist_dir))  # and cpc-train's loader
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert train.main(TRAIN + ['--batch-size', '8', '--objective.context_hidden', '16', '--max-steps', '1',
+                                   '--num-workers', str(cores + 3), '--out-dir', str(tmp_path / 'run')]) == 0
     assert not [w for w in caught if 'worker processes in total' in str(w.message)], [str(w.message) for w in caught]
 
 
