@@ -350,6 +350,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--cache-dir', default=None, help='default: HF_HUB_CACHE or $HF_HOME/hub')
     args = parser.parse_args(argv)
     try:
+        if args.cmd == 'export' and Path(args.out).exists() and not args.overwrite:  # before loading anything
+            raise FileExistsError(f'--out {args.out}: already exists; choose another --out or pass --overwrite')
         if args.cmd == 'export':
             out = export_checkpoint(args.checkpoint, args.out, tag=args.tag, push_to=args.push, token=args.token,
                                     overwrite=args.overwrite)

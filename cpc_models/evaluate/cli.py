@@ -117,9 +117,11 @@ def _probe(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """cpc-eval. Exit status: 0 done, 2 bad input (one line says what to change)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ('-h', '--help'):
+    if not argv:
+        return C.usage_error('cpc-eval', f'give a command: {", ".join(COMMANDS)} (cpc-eval --help says what each does)')
+    if argv[0] in ('-h', '--help'):
         print(f'usage:\n{USAGE}\n\ncpc-eval figure1 --help lists every option; docs/evaluation.md the protocols.')
-        return 0 if argv else 2
+        return 0
     if argv[0] not in COMMANDS:
         return C.usage_error('cpc-eval', f'unknown command {argv[0]!r}{C.did_you_mean(argv[0], COMMANDS)}; choose '
                                          f'from {", ".join(COMMANDS)}')
