@@ -89,3 +89,9 @@ def test_wheel_carries_weights_and_runs_outside_the_checkout(tmp_path):
     demo = _run([site / 'bin' / 'cpc-demo', '--shots', '1', '--repeats', '1'], work, env)
     assert f'weights: {site / "cpc_models" / "weights"}' in demo, demo
     assert 'CPC grid' in demo and '%' in demo
+    # the installed scripts answer a bare --help from the help cached in the wheel (no torch import)
+    assert '_cpc_models_cli.py' in files and 'cpc_models/help/cpc-train.txt' in files
+    for command in ('cpc-train', 'cpc-eval', 'cpc-extract', 'cpc-demo'):
+        cached = (site / 'cpc_models' / 'help' / f'{command}.txt').read_text(encoding='utf-8')
+        assert _run([site / 'bin' / command, '--help'], work, env) == cached == (
+            ROOT / 'cpc_models' / 'help' / f'{command}.txt').read_text(encoding='utf-8')
