@@ -244,3 +244,64 @@ def test_load_checkpoint_shape_names_key_and_file(one_step_run, tmp_path):
     model = train.build_model(train.build_config(FAST + ['--out-dir', str(tmp_path / 'x')]), torch.device('cpu'))
     with pytest.raises(WeightsMismatchError, match=rf'encoder\.safetensors does not fit .*"{KEY}" has shape'):
         load_checkpoint(ckpt, model.encoder, model.objective)
+
+
+# ============ the pieces: the key check, its message, torch's strict-load error ============
+
+def test_the_message_names_at_most_three_keys_of_each_kind():
+    from cpc_models._weights import _names, mismatch_message
+    assert _names(['a']) == '"a"'
+    assert _names(['a', 'b', 'c']) == '"a", "b", "c"'
+    assert _names(['a', 'b', 'c', 'd', 'e']) == '"a", "b", "c" and 2 more'
+    text = mismatch_message('f.safetensors', 'Net', ['a', 'b', 'c', 'd'], ['x'])
+    assert text.startswith('f.safetensors does not fit Net: 4 key(s) of the model missing from the file: "a", "b", '
+                           '"c" and 1 more; 1 key(s) in the file that the model does not have: "x". Nothing was loaded.')
+
+
+def test_check_keys_wants_exactly_the_models_keys():
+    from cpc_models._weights import check_keys
+    check_keys(['b', 'a'], ['a', 'b'], 'f', 'Net')  # the same keys, in any order
+    with pytest.raises(WeightsMismatchError, match=r'^f does not fit Net: 1 key\(s\) of the model missing from the '
+                                                   r'file: "b"\. Nothing'):
+        check_keys(['a'], ['a', 'b'], 'f', 'Net')
+    with pytest.raises(WeightsMismatchError, match=r'^f does not fit Net: 1 key\(s\) in the file that the model does '
+                                                   r'not have: "c"\. Nothing'):
+        check_keys(['a', 'b', 'c'], ['a', 'b'], 'f', 'Net')
+
+
+def test_load_state_dict_strict_loads_all_or_nothing():
+    from cpc_models._weights import load_state_dict_strict
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    good = {k: torch.randn_like(v) for k, v in before.items()}
+    for bad, message in (({'0.weight': good['0.weight']}, r'Sequential: 1 key\(s\) of the model missing.*"0\.bias"'),
+                         ({**good, '1.weight': good['0.weight']}, r'Sequential: 1 key\(s\) in the file .*"1\.weight"'),
+                         ({**good, '0.bias': torch.zeros(4)},
+                          r'Sequential: key "0\.bias" has shape \(4,\) in the file but \(3,\) in the model')):
+        with pytest.raises(WeightsMismatchError, match=r'^w\.safetensors does not fit ' + message):
+            load_state_dict_strict(module, bad, Path('w.safetensors'))
+        assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())  # nothing was loaded
+    load_state_dict_strict(module, good, 'w.safetensors')
+    assert all(torch.equal(v, good[k]) for k, v in module.state_dict().items())
+
+
+def _torch_error(state_dict) -> Exception:
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    with pytest.raises(RuntimeError) as e:
+        module.load_state_dict(state_dict)
+    return e.value
+
+
+def test_torch_strict_error_is_read_back_into_keys():
+    from cpc_models._weights import _torch_strict_error
+    w, b = torch.zeros(3, 2), torch.zeros(3)
+    assert _torch_strict_error(_torch_error({'0.weight': w})) == {'Missing': ['0.bias'], 'Unexpected': []}
+    assert _torch_strict_error(_torch_error({'0.weight': w, '0.bias': b, 'x.y': b})) == {
+        'Missing': [], 'Unexpected': ['x.y']}
+    assert _torch_strict_error(_torch_error({'0.weight': w, '0.bia': b})) == {
+        'Missing': ['0.bias'], 'Unexpected': ['0.bia']}
+    assert _torch_strict_error(_torch_error({'0.weight': w, '0.bias': torch.zeros(4)})) is None  # shapes only
+    assert _torch_strict_error(RuntimeError('something else')) is None
+    assert _torch_strict_error(ValueError('Error(s) in loading state_dict for X:\n\tMissing key(s) in state_dict: '
+                                          '"a". ')) is None  # only torch's RuntimeError
