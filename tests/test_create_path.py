@@ -92,3 +92,13 @@ def test_latent_grids_need_the_getter():
                                          "feature_cls='getter'.*feature_cls='hook'"):
         timm.create_model(ARCH, features_only=True, dense=False, feature_cls='hook')
     timm.create_model(ARCH, features_only=True, dense=True, feature_cls='hook')  # dense maps: any feature_cls
+
+
+@pytest.mark.parametrize('prefix', ['module.', '_orig_mod.', 'encoder.'])
+def test_prefixes_of_a_state_dict_passed_in_memory(prefix, weights):
+    """timm strips `module.` (and `_orig_mod.`) from a file's keys itself; a state dict passed in the pretrained cfg
+    reaches the filter as it is, so the filter's own mapping is what loads it."""
+    sd, _ = weights
+    loaded = timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(
+        state_dict={prefix + k: v for k, v in sd.items()})).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
