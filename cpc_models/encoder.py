@@ -46,6 +46,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._weights import pretrained_errors
+from .fused_norm import layer_norm_act_nhwc, use_fused
 from .patches import check_images, grid_size, is_symbolic_tracing, patchify
 
 __all__ = ['CPCResNetV2', 'LayerNormAct2d', 'PatchConv2d', 'PreActBottleneck', 'WEIGHTS_DIR']
@@ -79,6 +80,8 @@ class LayerNormAct2d(GroupNorm1Act):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._fused(x):
+            return layer_norm_act_nhwc(x, self.weight, self.bias, self.eps, type(self.act) is nn.ReLU)
         nhwc = _nhwc(x)
         if nhwc:
             x = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous: channels are the last normalized dim
@@ -94,6 +97,12 @@ class LayerNormAct2d(GroupNorm1Act):
         # the activation (often in place) acts on the normalized tensor itself, never on a permuted view of it
         x = self.act(self.drop(x))
         return x.permute(0, 3, 1, 2) if nhwc else x
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> bool:
+        """cpc_models.fused_norm's one-kernel norm + ReLU (CUDA, channels_last, Triton): no per-step expand, cast or
+        sum of the per-channel parameters."""
+        return use_fused(x, self.act, self.drop, self.weight is not None and self.bias is not None)
 
     @torch.jit.unused
     def _layer_norm(self, x: torch.Tensor, shape: List[int], weight: Optional[torch.Tensor],
