@@ -25,9 +25,10 @@ Counting rules (one op = one dispatched aten op):
   conv, matmul, norm, activation, residual add (an add of two tensors of the same size), cast (dtype copies), other.
 
 Bound on the step time: the sum over ops of max(FLOPs / peak FLOP/s, bytes / peak bandwidth), i.e. each op at the
-roofline of its own class, no overlap between ops, no launch cost. MFU bound = model FLOPs / bound / peak. "norm + act
-+ add fused" subtracts what fusing each residual add into the next norm-act would save (modelled: forward, the sum is
-not read again; backward, the two gradients are summed inside the norm's backward: 3 tensors of the add's size).
+roofline of its own class, no overlap between ops, no launch cost. MFU bound = model FLOPs (the step without
+checkpointing's recomputation) / bound / peak. The ``fused`` rows count the kernels the CUDA step runs today
+(norm + ReLU, and each residual add with the norm-act that reads its sum, in ``cpc_models.fused_norm``); the
+``eager`` rows the ``F.layer_norm`` path (``CPC_FUSED_NORM=0``, and every revision before it).
 """
 import argparse
 import collections
@@ -62,7 +63,7 @@ CLASSES = ('conv', 'matmul', 'norm', 'activation', 'residual add', 'cast', 'augm
 _CONV = {'convolution', 'convolution_backward', '_convolution', 'cudnn_convolution'}
 _MATMUL = {'mm', 'addmm', 'bmm', 'baddbmm', '_scaled_mm'}
 _NORM = {'native_layer_norm', 'native_layer_norm_backward', 'native_group_norm', 'native_group_norm_backward',
-         'layer_norm_act', 'layer_norm_act_backward'}
+         'layer_norm_act', 'layer_norm_act_backward', 'add_layer_norm_act'}
 _ACT = {'relu', 'relu_', 'threshold_backward', 'gelu', 'gelu_backward', 'silu', 'silu_backward'}
 _ALLOC = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided'}
 
@@ -107,8 +108,6 @@ class OpRecorder(TorchDispatchMode):
             if packet in flop_registry:
                 rec['flops'] = int(flop_registry[packet](*args, **kwargs, out_val=out))
             rec['cls'] = _classify(name, self.phase, ins)
-            if rec['cls'] == 'residual add':
-                rec['add_bytes'] = _distinct_bytes(outs[0]) if outs else 0
         self.ops.append(rec)
         return out
 
@@ -212,7 +211,7 @@ def count_step(model_name: str, batch: int, checkpointing: bool, norm: str = 'fu
                                    rows=geo['rows'], cols=geo['cols'], patches=batch * geo['rows'] * geo['cols']))
 
 
-def summarize(ops: List[Dict], meta: Dict) -> Dict:
+def summarize(ops: List[Dict], meta: Dict, model_flops: Optional[int] = None) -> Dict:
     kernels = [o for o in ops if o['kernel']]
     by_class = {c: dict(ops=0, flops=0, bytes=0) for c in CLASSES}
     for o in kernels:
@@ -221,22 +220,23 @@ def summarize(ops: List[Dict], meta: Dict) -> Dict:
         d['flops'] += o['flops']
         d['bytes'] += o['bytes']
     names = collections.Counter(o['op'] for o in kernels)
-    add_bytes = sum(o.get('add_bytes', 0) for o in kernels)
+    return dict(meta, kernel_ops=len(kernels), view_ops=len(ops) - len(kernels),
+                flops=sum(o['flops'] for o in kernels), bytes=sum(o['bytes'] for o in kernels),
+                by_class=by_class, top_ops=names.most_common(15), bounds=summarize_bounds(kernels, model_flops),
+                _ops=kernels)
+
+
+def summarize_bounds(kernels: List[Dict], model_flops: Optional[int] = None) -> Dict:
+    """Per GPU: the step-time bound (each op at its roofline, one after the other) and the MFU it allows."""
     bounds = {}
+    model_flops = model_flops or sum(o['flops'] for o in kernels)
     for gpu, pk in PEAKS.items():
         flop_s, byte_s = pk['bf16_tflops'] * 1e12, pk['hbm_tbps'] * 1e12
         t = sum(max(o['flops'] / flop_s, o['bytes'] / byte_s) for o in kernels)
-        # fusing each residual add into the norm-act that reads it: 3 tensors of its size saved (see the docstring);
-        # an add is memory-bound, so its time goes down by the same bytes
-        t_add = max(t - 3 * add_bytes / byte_s / 2, 0.0)  # two adds (forward sum, backward grad sum) per residual
-        model_flops = sum(o['flops'] for o in kernels)
-        bounds[gpu] = dict(step_ms=t * 1e3, mfu=model_flops / t / flop_s,
-                           step_ms_add_fused=t_add * 1e3, mfu_add_fused=model_flops / t_add / flop_s,
-                           compute_ms=model_flops / flop_s * 1e3,
+        bounds[gpu] = dict(step_ms=t * 1e3, mfu=model_flops / t / flop_s, model_flops=model_flops,
+                           compute_ms=sum(o['flops'] for o in kernels) / flop_s * 1e3,
                            memory_ms=sum(o['bytes'] for o in kernels) / byte_s * 1e3)
-    return dict(meta, kernel_ops=len(kernels), view_ops=len(ops) - len(kernels),
-                flops=sum(o['flops'] for o in kernels), bytes=sum(o['bytes'] for o in kernels),
-                residual_add_bytes=add_bytes, by_class=by_class, top_ops=names.most_common(15), bounds=bounds)
+    return bounds
 
 
 def markdown(doc: Dict) -> str:
@@ -255,14 +255,14 @@ def markdown(doc: Dict) -> str:
     lines += ['', 'Bounds (sum over ops of max(FLOPs / peak, bytes / bandwidth); datasheet dense bf16 peaks, '
               'no launch cost, no overlap between ops):', '',
               '| GPU | norm path | checkpointing | all FLOPs at peak ms | all bytes at bandwidth ms | bound ms | '
-              'MFU bound | + residual add fused (modelled): ms / MFU |',
-              '|---|---|---|---:|---:|---:|---:|---|']
+              'img/s bound | MFU bound |',
+              '|---|---|---|---:|---:|---:|---:|---:|']
     for gpu in PEAKS:
         for r in doc['counts']:
             b = r['bounds'][gpu]
             lines.append(f"| {gpu} | {r['norm']} | {'on' if r['checkpointing'] else 'off'} | {b['compute_ms']:.1f} | "
-                         f"{b['memory_ms']:.1f} | {b['step_ms']:.1f} | **{b['mfu']:.1%}** | "
-                         f"{b['step_ms_add_fused']:.1f} / {b['mfu_add_fused']:.1%} |")
+                         f"{b['memory_ms']:.1f} | {b['step_ms']:.1f} | {r['batch'] / b['step_ms'] * 1e3:.0f} | "
+                         f"**{b['mfu']:.1%}** |")
     lines += ['', 'Peaks: ' + '; '.join(f"{g}: {p['bf16_tflops']} TFLOP/s dense bf16, {p['hbm_tbps']} TB/s "
                                         f"({p['source']})" for g, p in PEAKS.items()), '']
     for r in doc['counts']:
@@ -299,6 +299,13 @@ def main(argv=None) -> int:
     from cpc_models.runtime import cpu_model
     t0 = time.time()
     rows = [count_step(a.model, a.batch, c == 'on', n, a.grid or None) for n in norms for c in ckpts]
+    for r in rows:  # MFU counts model FLOPs: checkpointing's recomputation is not useful work
+        if r['checkpointing']:
+            plain = [q for q in rows if q['norm'] == r['norm'] and not q['checkpointing']]
+            flops = plain[0]['flops'] if plain else count_step(a.model, a.batch, False, r['norm'],
+                                                               a.grid or None)['flops']
+            r['bounds'] = summarize_bounds(r['_ops'], flops)
+        r.pop('_ops')
     argv_txt = ' '.join(argv if argv is not None else sys.argv[1:])
     doc = dict(command=f'python -m benchmarks.roofline {argv_txt}'.strip(), model=a.model, batch=a.batch,
                counts=rows, peaks=PEAKS, seconds=time.time() - t0, machine=cpu_model(), torch=torch.__version__)

@@ -46,7 +46,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._weights import pretrained_errors
-from .fused_norm import layer_norm_act_nhwc, use_fused
+from .fused_norm import add_layer_norm_act_nhwc, layer_norm_act_nhwc, use_fused
 from .patches import check_images, grid_size, is_symbolic_tracing, patchify
 
 __all__ = ['CPCResNetV2', 'LayerNormAct2d', 'PatchConv2d', 'PreActBottleneck', 'WEIGHTS_DIR']
@@ -207,11 +207,17 @@ class PreActBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_preact = self.norm1(x)
+        branch, shortcut = self.forward_branches(x, x_preact)
+        return self.drop_path(branch) + shortcut
+
+    def forward_branches(self, x: torch.Tensor, x_preact: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block's two summands before the residual add: (conv3(...conv1(x_preact)), shortcut), from its input
+        x and x_preact = norm1(x)."""
         shortcut = x if self.downsample is None else self.downsample(x_preact)
         x = self.conv1(x_preact)
         x = self.conv2(self.norm2(x))
         x = self.conv3(self.norm3(x))
-        return self.drop_path(x) + shortcut
+        return x, shortcut
 
 
 class ResNetStage(nn.Module):
@@ -393,7 +399,34 @@ class CPCResNetV2(nn.Module):
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stacks and final norm-act on a batch of images or patches (N, C, H, W) -> (N, F, h, w)."""
-        return self.norm(self.stages(self.stem(x)))
+        x = self.stem(x)
+        if not torch.jit.is_scripting() and self._fuse_residuals(x):
+            return self._forward_blocks_fused(x)
+        return self.norm(self.stages(x))
+
+    @torch.jit.unused
+    def _fuse_residuals(self, x: torch.Tensor) -> bool:
+        """Each residual add fused with the norm-act that reads its sum (cpc_models.fused_norm): where the norm-act
+        layers take the fused path, without checkpointing or stochastic depth."""
+        norm = self.norm
+        return (isinstance(norm, LayerNormAct2d) and len(self.stages) > 0 and not self.grad_checkpointing
+                and not any(s.grad_checkpointing for s in self.stages)
+                and all(isinstance(b.drop_path, nn.Identity) and isinstance(b.norm1, LayerNormAct2d)
+                        and type(b.norm1.act) is type(norm.act) for s in self.stages for b in s.blocks)
+                and norm._fused(x))
+
+    @torch.jit.unused
+    def _forward_blocks_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The stacks and the final norm with every block's residual add done by the next norm-act's kernel: the same
+        function as ``self.norm(self.stages(x))`` (the norm-act modules' forward hooks do not run)."""
+        blocks = [b for s in self.stages for b in s.blocks]
+        y = blocks[0].norm1(x)
+        for i, block in enumerate(blocks):
+            branch, shortcut = block.forward_branches(x, y)
+            norm = blocks[i + 1].norm1 if i + 1 < len(blocks) else self.norm
+            x, y = add_layer_norm_act_nhwc(branch, shortcut, norm.weight, norm.bias, norm.eps,
+                                           type(norm.act) is nn.ReLU)
+        return y
 
     def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """Encode pre-cut (e.g. augmented) patches (B, rows, cols, C, P, P) into the latent grid (B, F, rows, cols).

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ['forced', 'layer_norm_act_nhwc', 'triton_available', 'use_fused']
+__all__ = ['add_layer_norm_act_nhwc', 'forced', 'layer_norm_act_nhwc', 'triton_available', 'use_fused']
 
 _FORCE: list = [None]  # None: decide per call; True / False: forced
 
@@ -82,6 +82,21 @@ def layer_norm_act_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return y.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def add_layer_norm_act_nhwc(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                            relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm-act in one op: channels_last a, b (N, C, H, W) -> (s = a + b,
+    act(layer_norm(s))), both channels_last; in backward the gradient of s from its other uses is summed in the norm's
+    kernel (no separate add)."""
+    n, c, h, w = a.shape
+    if b.dtype != a.dtype:  # eager's add promotes (autocast: bf16 branches on a bf16 stream, so rarely)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(dtype), b.to(dtype)
+    fa = a.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    fb = b.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    s, y = torch.ops.cpc_models.add_layer_norm_act(fa, fb, weight, bias, eps, relu)[:2]
+    return s.view(n, h, w, c).permute(0, 3, 1, 2), y.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 # ---------------------------------------------------------------- reference (plain torch, fp32 statistics)
 
 def _stats_ref(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +142,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def forward_kernel(X, W, B, Y, Mean, Rstd, L, C, eps, RELU: tl.constexpr, BLOCK_L: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+    def forward_kernel(X, X2, S, W, B, Y, Mean, Rstd, L, C, eps, RELU: tl.constexpr, ADD: tl.constexpr,
+                       BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
         n = tl.program_id(0)
         base = n.to(tl.int64) * L * C
         offs_l = tl.arange(0, BLOCK_L)
@@ -140,6 +155,9 @@ def _kernels():
                 ls, cs = l0 + offs_l, c0 + offs_c
                 m = (ls[:, None] < L) & (cs[None, :] < C)
                 x = tl.load(X + base + ls[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
+                if ADD:  # the residual sum, rounded to the stream's dtype as the eager add rounds it
+                    x2 = tl.load(X2 + base + ls[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
+                    x = (x + x2).to(S.dtype.element_ty).to(tl.float32)
                 acc += x
         mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
         acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
@@ -148,6 +166,9 @@ def _kernels():
                 ls, cs = l0 + offs_l, c0 + offs_c
                 m = (ls[:, None] < L) & (cs[None, :] < C)
                 x = tl.load(X + base + ls[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
+                if ADD:  # the residual sum, rounded to the stream's dtype as the eager add rounds it
+                    x2 = tl.load(X2 + base + ls[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
+                    x = (x + x2).to(S.dtype.element_ty).to(tl.float32)
                 d = tl.where(m, x - mean, 0.0)
                 acc += d * d
         var = tl.sum(tl.sum(acc, axis=1), axis=0) / count
@@ -163,14 +184,18 @@ def _kernels():
                 m = (ls[:, None] < L) & (cs[None, :] < C)
                 ptr = base + ls[:, None] * C + cs[None, :]
                 x = tl.load(X + ptr, mask=m, other=0.0).to(tl.float32)
+                if ADD:
+                    x = (x + tl.load(X2 + ptr, mask=m, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+                    tl.store(S + ptr, x, mask=m)
+                    x = x.to(tl.float32)
                 y = (x - mean) * rstd * w[None, :] + b[None, :]
                 if RELU:
                     y = tl.maximum(y, 0.0)
                 tl.store(Y + ptr, y.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def backward_kernel(DY, X, W, B, Mean, Rstd, DX, DWB, L, C, RELU: tl.constexpr, BLOCK_L: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+    def backward_kernel(DY, X, W, B, Mean, Rstd, DS, DX, DWB, L, C, RELU: tl.constexpr, HAS_DS: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
         n = tl.program_id(0)
         base = n.to(tl.int64) * L * C
         offs_l = tl.arange(0, BLOCK_L)
@@ -219,6 +244,8 @@ def _kernels():
                 if RELU:
                     g = tl.where(xhat * w[None, :] + b[None, :] > 0, g, 0.0)
                 dx = (g * w[None, :] - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
+                if HAS_DS:  # the residual stream's gradient from its other uses, summed here (no separate add)
+                    dx += tl.load(DS + ptr, mask=m, other=0.0).to(tl.float32)
                 tl.store(DX + ptr, dx.to(DX.dtype.element_ty), mask=m)
 
     return forward_kernel, backward_kernel
@@ -230,21 +257,30 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------- the custom ops
 
+def _forward(x, x2, weight, bias, eps, relu):
+    """(s or None, y, mean, rstd) of x (+ x2), each (N, L, C) contiguous."""
+    if not _use_triton(x):
+        s = x + x2 if x2 is not None else None
+        return (s, *_forward_ref(s if s is not None else x, weight, bias, eps, relu))
+    n, length, c = x.shape
+    x = x.contiguous()
+    x2 = x2.contiguous() if x2 is not None else None
+    y = torch.empty_like(x)
+    s = torch.empty_like(x) if x2 is not None else None
+    mean = torch.empty(n, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(n, device=x.device, dtype=torch.float32)
+    block_l, block_c = _blocks(length, c)
+    _kernels()[0][(n,)](x, x2 if x2 is not None else x, s if s is not None else y, weight.contiguous(),
+                        bias.contiguous(), y, mean, rstd, length, c, eps, RELU=relu, ADD=x2 is not None,
+                        BLOCK_L=block_l, BLOCK_C=block_c)
+    return s, y, mean, rstd
+
+
 @torch.library.custom_op('cpc_models::layer_norm_act', mutates_args=())
 def _layer_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                     relu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (N, L, C) contiguous -> (y (N, L, C) in x's dtype, mean (N,) fp32, rstd (N,) fp32)."""
-    if not _use_triton(x):
-        return _forward_ref(x, weight, bias, eps, relu)
-    n, length, c = x.shape
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    mean = torch.empty(n, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(n, device=x.device, dtype=torch.float32)
-    block_l, block_c = _blocks(length, c)
-    _kernels()[0][(n,)](x, weight.contiguous(), bias.contiguous(), y, mean, rstd, length, c, eps, RELU=relu,
-                        BLOCK_L=block_l, BLOCK_C=block_c)
-    return y, mean, rstd
+    return _forward(x, None, weight, bias, eps, relu)[1:]
 
 
 @_layer_norm_act.register_fake
@@ -254,28 +290,53 @@ def _(x, weight, bias, eps, relu):
             x.new_empty(n, dtype=torch.float32))
 
 
+@torch.library.custom_op('cpc_models::add_layer_norm_act', mutates_args=())
+def _add_layer_norm_act(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                        relu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual sum and its norm-act in one pass: x, x2 (N, L, C) -> (s = x + x2, y = act(norm(s)), mean, rstd)."""
+    return _forward(x, x2, weight, bias, eps, relu)
+
+
+@_add_layer_norm_act.register_fake
+def _(x, x2, weight, bias, eps, relu):
+    n = x.shape[0]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(n, dtype=torch.float32),
+            x.new_empty(n, dtype=torch.float32))
+
+
 @torch.library.custom_op('cpc_models::layer_norm_act_backward', mutates_args=())
 def _layer_norm_act_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                             mean: torch.Tensor, rstd: torch.Tensor,
-                             relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`_layer_norm_act`'s y: (dx (N, L, C) in x's dtype, per-sample partial sums of dweight
-    and dbias (N, 2C) fp32, which the autograd formula reduces over the samples)."""
+                             mean: torch.Tensor, rstd: torch.Tensor, relu: bool,
+                             ds: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of y (+ ``ds``, the normalized tensor's gradient from its other uses): (dx (N, L, C) in x's dtype,
+    per-sample partial sums of dweight and dbias (N, 2C) fp32, which the autograd formula reduces over the samples)."""
     if not _use_triton(x):
-        return _backward_ref(dy, x, weight, bias, mean, rstd, relu)
+        dx, partial = _backward_ref(dy, x, weight, bias, mean, rstd, relu)
+        return (dx + ds if ds is not None else dx), partial
     n, length, c = x.shape
     dy, x = dy.contiguous(), x.contiguous()
+    ds = ds.contiguous() if ds is not None else None
     dx = torch.empty_like(x)
     partial = torch.empty(n, 2 * c, device=x.device, dtype=torch.float32)  # per sample: dweight, dbias
     block_l, block_c = _blocks(length, c)
-    _kernels()[1][(n,)](dy, x, weight.contiguous(), bias.contiguous(), mean, rstd, dx, partial, length, c,
-                        RELU=relu, BLOCK_L=block_l, BLOCK_C=block_c)
+    _kernels()[1][(n,)](dy, x, weight.contiguous(), bias.contiguous(), mean, rstd, ds if ds is not None else dy,
+                        dx, partial, length, c, RELU=relu, HAS_DS=ds is not None, BLOCK_L=block_l,
+                        BLOCK_C=block_c)
     return dx, partial
 
 
 @_layer_norm_act_backward.register_fake
-def _(dy, x, weight, bias, mean, rstd, relu):
+def _(dy, x, weight, bias, mean, rstd, relu, ds):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(x.shape[0], 2 * x.shape[2], dtype=torch.float32))
+
+
+def _param_grads(partial, weight, bias):
+    c = weight.shape[0]
+    dwb = partial.sum(0)  # one reduction over the samples, fp32; the slices are views
+    dw, db = dwb[:c], dwb[c:]
+    return dw if weight.dtype == dw.dtype else dw.to(weight.dtype), db if bias.dtype == db.dtype else db.to(bias.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -289,12 +350,26 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, partial = torch.ops.cpc_models.layer_norm_act_backward(dy, x, weight, bias, mean, rstd, ctx.relu)
-    c = x.shape[2]
-    dwb = partial.sum(0)  # one reduction over the samples, fp32; the slices are views
-    dw, db = dwb[:c], dwb[c:]
-    return dx, dw if weight.dtype == dw.dtype else dw.to(weight.dtype), \
-        db if bias.dtype == db.dtype else db.to(bias.dtype), None, None
+    dx, partial = torch.ops.cpc_models.layer_norm_act_backward(dy, x, weight, bias, mean, rstd, ctx.relu, None)
+    return dx, *_param_grads(partial, weight, bias), None, None
+
+
+def _add_setup_context(ctx, inputs, output):
+    _, _, weight, bias, eps, relu = inputs
+    s, _, mean, rstd = output
+    ctx.save_for_backward(s, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.relu = relu
+
+
+def _add_backward(ctx, ds, dy, _dmean, _drstd):
+    s, weight, bias, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only the sum was used
+        return ds, ds, None, None, None, None
+    dx, partial = torch.ops.cpc_models.layer_norm_act_backward(dy, s, weight, bias, mean, rstd, ctx.relu, ds)
+    return dx, dx, *_param_grads(partial, weight, bias), None, None
 
 
 _layer_norm_act.register_autograd(_backward, setup_context=_setup_context)
+_add_layer_norm_act.register_autograd(_add_backward, setup_context=_add_setup_context)

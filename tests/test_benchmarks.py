@@ -162,3 +162,28 @@ def test_ceiling_counts_the_step_flops_by_dtype_and_times_the_matrix_kernels(tmp
     expected = sum(e.cpu_time_total for e in events if e.name in ('aten::mm', 'aten::convolution')) / 1e6
     assert kernel_seconds(prof) == pytest.approx(expected) and expected > 0
     assert kernel_seconds(prof) < sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1e6
+
+
+def test_roofline_counts_ops_bytes_and_bounds_on_fake_tensors(tmp_path):
+    """benchmarks.roofline on the tiny model (fake tensors: no memory, no arithmetic): positive counts, the fused
+    norm path moves fewer bytes in fewer ops, checkpointing adds ops (its recomputation) but not model FLOPs."""
+    from benchmarks import roofline
+    assert roofline.main(['--model', 'cpcv2_resnet_tiny', '--batch', '4', '--out', str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / 'roofline.json').read_text())
+    assert (tmp_path / 'roofline.md').read_text().count('| H100 SXM |') == 4
+    rows = {(r['norm'], r['checkpointing']): r for r in doc['counts']}
+    assert set(rows) == {('fused', False), ('fused', True), ('eager', False), ('eager', True)}
+    for r in rows.values():
+        assert r['kernel_ops'] > 100 and r['flops'] > 0 and r['bytes'] > 0
+        assert sum(c['ops'] for c in r['by_class'].values()) == r['kernel_ops']
+        assert r['by_class']['conv']['flops'] > 0 and r['by_class']['augmentation']['ops'] > 0
+        for b in r['bounds'].values():
+            assert 0 < b['mfu'] < 1 and b['step_ms'] >= max(b['compute_ms'], b['memory_ms']) * (1 - 1e-9)
+    fused, eager = rows[('fused', False)], rows[('eager', False)]
+    assert fused['bytes'] < eager['bytes'] and fused['kernel_ops'] < eager['kernel_ops']
+    assert fused['by_class']['activation']['ops'] < eager['by_class']['activation']['ops']
+    assert fused['flops'] == eager['flops']
+    assert rows[('eager', True)]['kernel_ops'] > eager['kernel_ops']
+    # MFU counts model FLOPs: the checkpointed step's recomputation is not useful work
+    assert rows[('eager', True)]['bounds']['H200']['model_flops'] == eager['flops']
+    assert roofline.main(['--batch', '0', '--out', str(tmp_path)]) == 2
