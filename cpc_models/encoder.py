@@ -23,11 +23,12 @@ Modes:
   ``features_only=True`` builds this mode and returns the multi-scale maps through ``forward_intermediates``
   (timm's ``FeatureGetterNet``), for detection and segmentation.
 """
+import contextlib
 import os
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -46,7 +47,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._weights import pretrained_errors
-from .fused_norm import add_layer_norm_act_nhwc, layer_norm_act_nhwc, use_fused
+from .fused_norm import add_layer_norm_act_nhwc, cast_all, layer_norm_act_nhwc, use_fused
 from .patches import check_images, grid_size, is_symbolic_tracing, patchify
 
 __all__ = ['CPCResNetV2', 'LayerNormAct2d', 'PatchConv2d', 'PreActBottleneck', 'WEIGHTS_DIR']
@@ -151,10 +152,19 @@ class PatchConv2d(nn.Conv2d):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if not torch.jit.is_scripting():
+            weight = self._weight()
         if self.centre_only and x.ndim == 4 and x.shape[2] == 1 and x.shape[3] == 1:
-            centre = self.weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2]
+            centre = weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2]
             return F.linear(x.flatten(1), centre, self.bias).view(x.shape[0], -1, 1, 1)
-        return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(x, weight, self.bias)
+
+    @torch.jit.unused
+    def _weight(self) -> torch.Tensor:
+        """The weight, or its copy in autocast's dtype made for the whole trunk at once (CPCResNetV2._cast_weights)."""
+        cast = self.__dict__.get('_cast_weight')
+        return self.weight if cast is None else cast
 
 
 def _norm_act(norm_layer: Union[str, Callable], act_layer, eps: float) -> Callable:
@@ -420,13 +430,33 @@ class CPCResNetV2(nn.Module):
         """The stacks and the final norm with every block's residual add done by the next norm-act's kernel: the same
         function as ``self.norm(self.stages(x))`` (the norm-act modules' forward hooks do not run)."""
         blocks = [b for s in self.stages for b in s.blocks]
-        y = blocks[0].norm1(x)
-        for i, block in enumerate(blocks):
-            branch, shortcut = block.forward_branches(x, y)
-            norm = blocks[i + 1].norm1 if i + 1 < len(blocks) else self.norm
-            x, y = add_layer_norm_act_nhwc(branch, shortcut, norm.weight, norm.bias, norm.eps,
-                                           type(norm.act) is nn.ReLU)
+        with self._cast_weights(x):
+            y = blocks[0].norm1(x)
+            for i, block in enumerate(blocks):
+                branch, shortcut = block.forward_branches(x, y)
+                norm = blocks[i + 1].norm1 if i + 1 < len(blocks) else self.norm
+                x, y = add_layer_norm_act_nhwc(branch, shortcut, norm.weight, norm.bias, norm.eps,
+                                               type(norm.act) is nn.ReLU)
         return y
+
+    @torch.jit.unused
+    @contextlib.contextmanager
+    def _cast_weights(self, x: torch.Tensor) -> Iterator[None]:
+        """Under autocast, the stacks' convolution weights cast to its dtype in one multi-tensor copy (and their
+        gradients back in one), instead of one cast per convolution each way; eager only (a compiled graph fuses them)."""
+        kind = x.device.type
+        if kind == 'meta' or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling():
+            yield
+            return
+        dtype = torch.get_autocast_dtype(kind)
+        convs = [m for s in self.stages for m in s.modules() if isinstance(m, PatchConv2d) and m.weight.dtype != dtype]
+        for m, w in zip(convs, cast_all([m.weight for m in convs], dtype)):
+            m.__dict__['_cast_weight'] = w
+        try:
+            yield
+        finally:
+            for m in convs:
+                m.__dict__.pop('_cast_weight', None)
 
     def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """Encode pre-cut (e.g. augmented) patches (B, rows, cols, C, P, P) into the latent grid (B, F, rows, cols).

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ['add_layer_norm_act_nhwc', 'forced', 'layer_norm_act_nhwc', 'triton_available', 'use_fused']
+__all__ = ['add_layer_norm_act_nhwc', 'cast_all', 'forced', 'layer_norm_act_nhwc', 'triton_available', 'use_fused']
 
 _FORCE: list = [None]  # None: decide per call; True / False: forced
 
@@ -373,3 +373,32 @@ def _add_backward(ctx, ds, dy, _dmean, _drstd):
 
 _layer_norm_act.register_autograd(_backward, setup_context=_setup_context)
 _add_layer_norm_act.register_autograd(_add_backward, setup_context=_add_setup_context)
+
+
+class _CastAll(torch.autograd.Function):
+    """Many tensors to one dtype in one multi-tensor copy (``torch._foreach_copy_``), the gradients back the same way:
+    what autocast does with one cast kernel per weight and forward, and one per gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor):
+        ctx.dtypes = [t.dtype for t in tensors]
+        ctx.set_materialize_grads(False)
+        out = [torch.empty_like(t, dtype=dtype) for t in tensors]
+        torch._foreach_copy_(out, list(tensors))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        out = [None] * len(grads)
+        if idx:
+            dst = [torch.empty_like(grads[i], dtype=ctx.dtypes[i]) for i in idx]
+            torch._foreach_copy_(dst, [grads[i] for i in idx])
+            for i, d in zip(idx, dst):
+                out[i] = d
+        return (None, *out)
+
+
+def cast_all(tensors, dtype: torch.dtype):
+    """``[t.to(dtype) for t in tensors]`` (differentiable) as one multi-tensor copy each way."""
+    return _CastAll.apply(dtype, *tensors)

@@ -135,3 +135,31 @@ def test_fused_encoder_traces_without_graph_breaks():
         explain = torch._dynamo.explain(enc.forward_trunk)(x)
     assert explain.graph_break_count == 0, explain.break_reasons
     assert explain.graph_count == 1
+
+
+def test_fused_trunk_under_autocast_casts_weights_once_and_matches_eager():
+    """bf16 autocast: the fused trunk casts every convolution weight in one multi-tensor copy (and the gradients back
+    in one), with the same output and fp32 gradients as the eager trunk within bf16 rounding."""
+    import timm
+
+    from benchmarks.roofline import OpRecorder
+    torch.manual_seed(0)
+    enc = timm.create_model('cpcv2_resnet_tiny', num_classes=0, layers=(2, 1, 1), zero_init_last=False)
+    enc = enc.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    res, ops = [], []
+    for force in (False, True):
+        enc.zero_grad()
+        rec = OpRecorder()
+        rec.phase = 'forward'
+        with fused_norm.forced(force), rec, torch.autocast('cpu', dtype=torch.bfloat16):
+            y = enc.forward_trunk(x)
+            y.float().square().mean().backward()
+        ops.append([o['op'] for o in rec.ops if o['kernel']])
+        res.append([y.float()] + [p.grad for p in enc.parameters()])
+        assert all(p.grad.dtype == torch.float32 for p in enc.parameters())
+    for a, b in zip(*res):
+        assert ((a - b).abs().max() / a.abs().max().clamp_min(1e-6)).item() < 5e-2
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in enc.stages.modules())
+    assert ops[1].count('_foreach_copy_') == 2  # the weights to bf16, their gradients back to fp32
+    assert ops[0].count('_to_copy') >= 2 * convs > ops[1].count('_to_copy')
