@@ -187,3 +187,28 @@ def test_roofline_counts_ops_bytes_and_bounds_on_fake_tensors(tmp_path):
     # MFU counts model FLOPs: the checkpointed step's recomputation is not useful work
     assert rows[('eager', True)]['bounds']['H200']['model_flops'] == eager['flops']
     assert roofline.main(['--batch', '0', '--out', str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_run_dry_run_writes_every_row(tmp_path):
+    """benchmarks/gpu_run.sh --dry: the device script's every work item on the CPU with the tiny model (not a
+    measurement), cuda.json and cuda.md written, every kind of row there, no errors, nothing skipped."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    out = subprocess.run(['bash', str(ROOT / 'benchmarks' / 'gpu_run.sh'), '--dry'], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    doc = json.loads((tmp_path / 'cuda.json').read_text())
+    md = (tmp_path / 'cuda.md').read_text()
+    assert doc['dry'] and doc['finished'] and not doc['errors'] and not doc['skipped']
+    kinds = [r['kind'] for r in doc['rows']]
+    assert kinds.count('matmul') == 1 and kinds.count('train') == 4 and kinds.count('speedup') == 2
+    assert {r['change'] for r in doc['rows'] if r['kind'] == 'change'} == {'fused_norm', 'cudnn_benchmark',
+                                                                           'checkpointing'}
+    assert kinds.count('profile') == 1 and len(next(r for r in doc['rows'] if r['kind'] == 'profile')['top']) == 15
+    assert sorted(r['checkpointing'] for r in doc['rows'] if r['kind'] == 'max_batch') == [False, True]
+    assert kinds.count('inference') == 2
+    for r in doc['rows']:
+        if r['kind'] == 'train':
+            assert r['ms'] > 0 and r['img_s'] > 0 and 0 < r['mfu_measured_matmul'] and 0 < r['mfu_datasheet'] < 1
+    assert 'dry run on the CPU' in md and md.count('| cpcv2_resnet_tiny | ours |') == 2
+    assert (tmp_path / 'cuda_log.txt').is_file()
