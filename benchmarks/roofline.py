@@ -263,12 +263,47 @@ def markdown(doc: Dict) -> str:
             lines.append(f"| {gpu} | {r['norm']} | {'on' if r['checkpointing'] else 'off'} | {b['compute_ms']:.1f} | "
                          f"{b['memory_ms']:.1f} | {b['step_ms']:.1f} | {r['batch'] / b['step_ms'] * 1e3:.0f} | "
                          f"**{b['mfu']:.1%}** |")
+    if doc.get('against'):
+        lines += ['', f"Against `{doc['against']['rev']}` (the same counter run on that revision, whose norm is the "
+                  'eager path; targets of issue 26: ops <= 45%, bytes <= 60% of the baseline):', '',
+                  '| checkpointing | baseline ops | ours ops (fused) | ops: ours / baseline | baseline GB | ours GB | '
+                  'bytes: ours / baseline |', '|---|---:|---:|---:|---:|---:|---:|']
+        for b in doc['against']['counts']:
+            ours = [r for r in doc['counts'] if r['norm'] == 'fused' and r['checkpointing'] == b['checkpointing']]
+            if not ours:
+                continue
+            o = ours[0]
+            lines.append(f"| {'on' if b['checkpointing'] else 'off'} | {b['kernel_ops']} | {o['kernel_ops']} | "
+                         f"**{o['kernel_ops'] / b['kernel_ops']:.0%}** | {b['bytes'] / 1e9:.1f} | "
+                         f"{o['bytes'] / 1e9:.1f} | **{o['bytes'] / b['bytes']:.0%}** |")
     lines += ['', 'Peaks: ' + '; '.join(f"{g}: {p['bf16_tflops']} TFLOP/s dense bf16, {p['hbm_tbps']} TB/s "
                                         f"({p['source']})" for g, p in PEAKS.items()), '']
     for r in doc['counts']:
         lines.append(f"Most frequent ops ({r['norm']}, checkpointing {'on' if r['checkpointing'] else 'off'}): "
                      + ', '.join(f'{n} {c}' for n, c in r['top_ops']) + '.')
     return '\n'.join(lines) + '\n'
+
+
+def count_revision(rev: str, model: str, batch: int, grid: int, checkpointing: str) -> List[Dict]:
+    """This counter run on revision ``rev`` (a temporary ``git worktree``; this file copied in): its rows."""
+    import shutil
+    import subprocess
+    import tempfile
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix='roofline-'))
+    tree = tmp / 'tree'
+    try:
+        subprocess.run(['git', 'worktree', 'add', '--detach', str(tree), rev], cwd=root, check=True,
+                       capture_output=True, text=True)
+        shutil.copy(__file__, tree / 'benchmarks' / 'roofline.py')
+        subprocess.run([sys.executable, '-m', 'benchmarks.roofline', '--model', model, '--batch', str(batch),
+                        '--grid', str(grid), '--norm', 'eager', '--checkpointing', checkpointing, '--out', str(tmp),
+                        '--name', 'base'], cwd=tree, env=dict(__import__('os').environ, PYTHONPATH=str(tree)),
+                       check=True, capture_output=True, text=True)
+        return json.loads((tmp / 'base.json').read_text())['counts']
+    finally:
+        subprocess.run(['git', 'worktree', 'remove', '--force', str(tree)], cwd=root, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -280,6 +315,8 @@ def main(argv=None) -> int:
     p.add_argument('--checkpointing', default='off,on', help='off, on or both (off,on)')
     p.add_argument('--out', default=str(RESULTS), help='folder for roofline.json and roofline.md')
     p.add_argument('--name', default='roofline')
+    p.add_argument('--against', default='', help='also count a base revision (its only path: eager) with this '
+                   'counter, in a temporary git worktree, and compare (e.g. 062290c)')
     a = p.parse_args(argv)
     norms = a.norm.split(',')
     ckpts = a.checkpointing.split(',')
@@ -309,6 +346,10 @@ def main(argv=None) -> int:
     argv_txt = ' '.join(argv if argv is not None else sys.argv[1:])
     doc = dict(command=f'python -m benchmarks.roofline {argv_txt}'.strip(), model=a.model, batch=a.batch,
                counts=rows, peaks=PEAKS, seconds=time.time() - t0, machine=cpu_model(), torch=torch.__version__)
+    if a.against:
+        doc['against'] = dict(rev=a.against, counts=count_revision(a.against, a.model, a.batch, a.grid,
+                                                                   a.checkpointing))
+        doc['seconds'] = time.time() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(doc)
