@@ -418,6 +418,8 @@ class CPCResNetV2(nn.Module):
     def _fuse_residuals(self, x: torch.Tensor) -> bool:
         """Each residual add fused with the norm-act that reads its sum (cpc_models.fused_norm): where the norm-act
         layers take the fused path, without checkpointing or stochastic depth."""
+        if is_symbolic_tracing():  # torch.fx (timm's feature extraction) traces the modules' own path
+            return False
         norm = self.norm
         return (isinstance(norm, LayerNormAct2d) and len(self.stages) > 0 and not self.grad_checkpointing
                 and not any(s.grad_checkpointing for s in self.stages)
