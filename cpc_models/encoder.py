@@ -447,7 +447,11 @@ class CPCResNetV2(nn.Module):
         """Under autocast, the stacks' convolution weights cast to its dtype in one multi-tensor copy (and their
         gradients back in one), instead of one cast per convolution each way; eager only (a compiled graph fuses them)."""
         kind = x.device.type
-        if kind == 'meta' or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        # Under DDP the gradients must come back stack by stack, so that their all-reduce overlaps the backward
+        # (one cast's backward would hand every trunk gradient over only at its end): one cast per convolution there.
+        if kind == 'meta' or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling() or distributed:
             yield
             return
         dtype = torch.get_autocast_dtype(kind)
