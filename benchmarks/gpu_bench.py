@@ -18,7 +18,8 @@ Rows, in this order (a row starts only while the time budget lasts; the rest is 
    32): ours against the base, alternating; MFU = model FLOPs (convolutions and matrix products of the step,
    torch.utils.flop_counter) / step time / peak, against both peaks;
 3. each change on and off, ours, alternating with ours as it is: the fused norm-act (+ residual add, one cast of the
-   weights; ``CPC_FUSED_NORM=0`` is off), ``cudnn.benchmark``, gradient checkpointing;
+   weights; ``CPC_FUSED_NORM=0`` is off), ``cudnn.benchmark``, gradient checkpointing, the objective's logits in
+   bf16 (``logits_dtype``; off is the default fp32);
 4. the top 15 CUDA kernels of one ResNet-161 step by time (torch.profiler), ours;
 5. the largest ResNet-161 batch whose step fits 80 GB (``set_per_process_memory_fraction``), with and without
    checkpointing, ours;
@@ -177,6 +178,14 @@ def switch(name: str, on: bool, case: Optional[Case] = None):
             yield
         finally:
             torch.backends.cudnn.benchmark = before
+    elif name == 'bf16_logits':
+        obj = case.model.objective
+        before = obj.logits_dtype
+        obj.logits_dtype = torch.bfloat16 if on else torch.float32
+        try:
+            yield
+        finally:
+            obj.logits_dtype = before
     elif name == 'checkpointing':
         case.model.encoder.set_grad_checkpointing(on)
         try:
@@ -336,7 +345,7 @@ class Run:
             case = self.cases.get(variant)
         if case is None:
             return
-        for change in ('fused_norm', 'cudnn_benchmark', 'checkpointing'):
+        for change in ('fused_norm', 'cudnn_benchmark', 'checkpointing', 'bf16_logits'):
             def run(change=change):
                 res = alternate({'on': lambda: switch(change, True, case), 'off': lambda: switch(change, False, case)},
                                 {'on': case.step, 'off': case.step}, self.device, self.a.rounds, self.a.warmup,

@@ -203,7 +203,7 @@ def test_gpu_run_dry_run_writes_every_row(tmp_path):
     kinds = [r['kind'] for r in doc['rows']]
     assert kinds.count('matmul') == 1 and kinds.count('train') == 4 and kinds.count('speedup') == 2
     assert {r['change'] for r in doc['rows'] if r['kind'] == 'change'} == {'fused_norm', 'cudnn_benchmark',
-                                                                           'checkpointing'}
+                                                                           'checkpointing', 'bf16_logits'}
     assert kinds.count('profile') == 1 and len(next(r for r in doc['rows'] if r['kind'] == 'profile')['top']) == 15
     assert sorted(r['checkpointing'] for r in doc['rows'] if r['kind'] == 'max_batch') == [False, True]
     assert kinds.count('inference') == 2
