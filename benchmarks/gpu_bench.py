@@ -18,7 +18,7 @@ Rows, in this order (a row starts only while the time budget lasts; the rest is 
    32): ours against the base, alternating; MFU = model FLOPs (convolutions and matrix products of the step,
    torch.utils.flop_counter) / step time / peak, against both peaks;
 3. each change on and off, ours, alternating with ours as it is: the fused norm-act (+ residual add, one cast of the
-   weights; ``CPC_FUSED_NORM=0`` is off), ``cudnn.benchmark``, gradient checkpointing, the objective's logits in
+   weights; off is the eager path, as with ``CPC_FUSED_NORM=0``), ``cudnn.benchmark``, gradient checkpointing, the objective's logits in
    bf16 (``logits_dtype``; off is the default fp32);
 4. the top 15 CUDA kernels of one ResNet-161 step by time (torch.profiler), ours;
 5. the largest ResNet-161 batch whose step fits 80 GB (``set_per_process_memory_fraction``), with and without
@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import sys
 import time
 import traceback
@@ -161,16 +160,10 @@ def model_flops(case: Case) -> int:
 @contextlib.contextmanager
 def switch(name: str, on: bool, case: Optional[Case] = None):
     """One change of this work, set to ``on`` within the block (ours only)."""
-    if name == 'fused_norm':
-        before = os.environ.get('CPC_FUSED_NORM')
-        os.environ['CPC_FUSED_NORM'] = '1' if on else '0'
-        try:
+    if name == 'fused_norm':  # off: the eager F.layer_norm path (CPC_FUSED_NORM=0); on: the device's choice
+        from cpc_models import fused_norm
+        with fused_norm.forced(None if on else False):
             yield
-        finally:
-            if before is None:
-                os.environ.pop('CPC_FUSED_NORM', None)
-            else:
-                os.environ['CPC_FUSED_NORM'] = before
     elif name == 'cudnn_benchmark':
         before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = on

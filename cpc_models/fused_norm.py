@@ -18,7 +18,7 @@ which the tests use), else a reference in plain torch ops (same arithmetic, fp32
 
 :func:`use_fused` decides per call: CUDA, a channels_last input, Triton importable, ReLU or no activation, no
 dropout, affine; :func:`forced` overrides it (tests, and ``benchmarks.roofline`` counting the CUDA step on the CPU).
-``CPC_FUSED_NORM=0`` in the environment turns it off (the eager ``F.layer_norm`` path, for comparisons).
+``CPC_FUSED_NORM=0`` in the environment (read at import) turns it off (the eager ``F.layer_norm`` path).
 """
 import contextlib
 import functools
@@ -30,17 +30,20 @@ import torch
 __all__ = ['add_layer_norm_act_nhwc', 'cast_all', 'forced', 'layer_norm_act_nhwc', 'triton_available', 'use_fused']
 
 _FORCE: list = [None]  # None: decide per call; True / False: forced
+_ENABLED = os.environ.get('CPC_FUSED_NORM', '1') != '0'  # read once: torch.compile traces use_fused without a break
+_TRITON: list = [None]  # whether Triton imports, found out once
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether Triton imports (it ships with torch's CUDA wheels)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install: the eager path works without it
-        return False
-    return True
+    if _TRITON[0] is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON[0] = True
+        except Exception:  # ImportError, or a broken install: the eager path works without it
+            _TRITON[0] = False
+    return _TRITON[0]
 
 
 def _interpret() -> bool:
@@ -67,9 +70,7 @@ def use_fused(x: torch.Tensor, act: torch.nn.Module, drop: torch.nn.Module, affi
         return False
     if _FORCE[0] is not None:
         return _FORCE[0]
-    if os.environ.get('CPC_FUSED_NORM', '1') == '0':
-        return False
-    return x.device.type == 'cuda' and triton_available()
+    return _ENABLED and x.device.type == 'cuda' and triton_available()
 
 
 def layer_norm_act_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
