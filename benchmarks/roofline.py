@@ -201,14 +201,22 @@ def count_step(model_name: str, batch: int, checkpointing: bool, norm: str = 'fu
         try:
             train_step(model, images, optimizer, setup, lr_at(0, cfg, 1))  # first step: the optimizer's state
             rec.phase = 'augmentation'
-            with rec:
+            saved = [0]
+
+            def pack(t):  # what autograd keeps for backward: the activations at the step's peak
+                if not isinstance(t, torch.nn.Parameter):
+                    saved[0] += t.numel() * t.element_size()
+                return t
+            with rec, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 train_step(model, images, optimizer, setup, lr_at(1, cfg, 2))
         finally:
             torch.nn.utils.clip_grad_norm_ = _clip
             for h in hooks:
                 h.remove()
+    n_params = sum(p.numel() for p in model.parameters())
     return summarize(rec.ops, dict(model=model_name, batch=batch, checkpointing=checkpointing, norm=norm,
-                                   rows=geo['rows'], cols=geo['cols'], patches=batch * geo['rows'] * geo['cols']))
+                                   rows=geo['rows'], cols=geo['cols'], patches=batch * geo['rows'] * geo['cols'],
+                                   saved_activation_bytes=saved[0], resident_bytes=16 * n_params))
 
 
 def summarize(ops: List[Dict], meta: Dict, model_flops: Optional[int] = None) -> Dict:
@@ -245,13 +253,19 @@ def markdown(doc: Dict) -> str:
              f"patches per image, {g['patches']} patches), bf16 autocast + channels_last, "
              f"counted on fake tensors (`{doc['command']}`, {doc['seconds']:.0f} s on {doc['machine']}; "
              'bytes: every op reads its inputs and writes its outputs once):', '']
-    lines += ['| norm path | checkpointing | kernel-like ops | GFLOP | min HBM GB | '
-              + ' | '.join(f'{c} ops / GB' for c in CLASSES) + ' |',
-              '|---|---|---:|---:|---:|' + '---|' * len(CLASSES)]
+    lines += ['| norm path | checkpointing | kernel-like ops | GFLOP | min HBM GB | saved activations + resident '
+              'state GB | ' + ' | '.join(f'{c} ops / GB' for c in CLASSES) + ' |',
+              '|---|---|---:|---:|---:|---:|' + '---|' * len(CLASSES)]
     for r in doc['counts']:
         cells = ' | '.join(f"{r['by_class'][c]['ops']} / {r['by_class'][c]['bytes'] / 1e9:.1f}" for c in CLASSES)
+        mem = (f"{r['saved_activation_bytes'] / 1e9:.1f} + {r['resident_bytes'] / 1e9:.1f}"
+               if 'saved_activation_bytes' in r else '')
         lines.append(f"| {r['norm']} | {'on' if r['checkpointing'] else 'off'} | {r['kernel_ops']} | "
-                     f"{r['flops'] / 1e9:.0f} | {r['bytes'] / 1e9:.1f} | {cells} |")
+                     f"{r['flops'] / 1e9:.0f} | {r['bytes'] / 1e9:.1f} | {mem} | {cells} |")
+    lines += ['', 'Saved activations: the bytes of the tensors autograd keeps for backward during the step (a tensor '
+              'saved by two ops counts twice: an upper estimate of the activation memory; with checkpointing the sum '
+              'includes the recomputed stacks, more than the peak); resident state: fp32 '
+              'weights, gradients and AdamW\'s two moments (16 bytes per parameter).']
     lines += ['', 'Bounds (sum over ops of max(FLOPs / peak, bytes / bandwidth); datasheet dense bf16 peaks, '
               'no launch cost, no overlap between ops):', '',
               '| GPU | norm path | checkpointing | all FLOPs at peak ms | all bytes at bandwidth ms | bound ms | '

@@ -183,6 +183,8 @@ def test_roofline_counts_ops_bytes_and_bounds_on_fake_tensors(tmp_path):
     assert fused['bytes'] < eager['bytes'] and fused['kernel_ops'] < eager['kernel_ops']
     assert fused['by_class']['activation']['ops'] < eager['by_class']['activation']['ops']
     assert fused['flops'] == eager['flops']
+    assert 0 < fused['saved_activation_bytes'] < eager['saved_activation_bytes']  # the fused norm saves x, not y
+    assert fused['resident_bytes'] == eager['resident_bytes'] > 0
     assert rows[('eager', True)]['kernel_ops'] > eager['kernel_ops']
     # MFU counts model FLOPs: the checkpointed step's recomputation is not useful work
     assert rows[('eager', True)]['bounds']['H200']['model_flops'] == eager['flops']
