@@ -93,6 +93,53 @@ def test_triton_kernels_match_eager_under_the_interpreter():
     _check(doc['worst'])
 
 
+# Compile (not run) both kernels for a Hopper GPU with the installed Triton, no GPU needed: what the interpreter does
+# not check (Triton's type checks, layouts, its specialization of an int argument equal to 1 as a constant: 1x1 maps).
+_COMPILE = textwrap.dedent('''
+    import json, os
+    import triton
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from cpc_models import fused_norm
+    ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
+    if 'nvidia' not in backends or not os.path.exists(ptxas):
+        print(json.dumps(dict(skip='no nvidia backend or ptxas in this Triton'))); raise SystemExit
+    fwd, bwd = fused_norm._kernels()
+    done = []
+    for dt, length, c, flag in (('bf16', 25, 4096, True), ('fp32', 1, 512, False)):
+        bl, bc = fused_norm._blocks(length, c)
+        shared = dict(L='i32', C='i32', BLOCK_L='constexpr', BLOCK_C='constexpr', RELU='constexpr')
+        const = dict(RELU=flag, BLOCK_L=bl, BLOCK_C=bc)
+        if length == 1:  # what Triton's launcher does with an int argument equal to 1
+            shared['L'], const['L'] = 'constexpr', 1
+        sig = dict(X='*' + dt, X2='*' + dt, S='*' + dt, W='*fp32', B='*fp32', Y='*' + dt, Mean='*fp32',
+                   Rstd='*fp32', eps='fp32', ADD='constexpr', **shared)
+        for fn, sig, extra in ((fwd, sig, dict(ADD=flag)),
+                               (bwd, dict(DY='*' + dt, X='*' + dt, W='*fp32', B='*fp32', Mean='*fp32', Rstd='*fp32',
+                                          DS='*' + dt, DX='*' + dt, DWB='*fp32', HAS_DS='constexpr', **shared),
+                                dict(HAS_DS=flag))):
+            sig = {k: sig[k] for k in fn.arg_names}
+            kernel = triton.compile(ASTSource(fn, sig, dict(const, **extra)), target=GPUTarget('cuda', 90, 32))
+            done.append(len(kernel.asm['cubin']))
+    print(json.dumps(dict(triton=triton.__version__, cubin_bytes=done)))
+''')
+
+
+@pytest.mark.skipif(not fused_norm.triton_available(), reason='triton cannot be imported')
+def test_triton_kernels_compile_for_hopper():
+    """The device's compiler path, on the CPU: forward and backward, bf16 with the residual add and ReLU, and fp32 on a
+    1x1 map (L specialized to 1) without them, each to an sm_90 cubin."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET='0')
+    out = subprocess.run([sys.executable, '-c', _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    if 'skip' in doc:
+        pytest.skip(doc['skip'])
+    assert len(doc['cubin_bytes']) == 4 and min(doc['cubin_bytes']) > 0, doc
+
+
 def test_fused_step_has_no_per_channel_expand_cast_or_sum():
     """Forward + backward of one norm-act under autocast: the fused op, its backward and the one reduction over the
     samples; nothing expands, casts or sums the (C,) weight and bias (the eager path does, every call)."""
