@@ -430,15 +430,17 @@ class PatchAugment(nn.Module):
         base = name.removesuffix('Increasing')
         if name != base:
             v = (1.0 + torch.where(neg, -v, v)).clamp(min=0.1)
-        # degenerate images as torchvision computes them (factor 0), blended per patch
+        # degenerate images as torchvision computes them (factor 0), blended per patch. Brightness, Contrast and Color
+        # pass theirs unexpanded: torchvision's factor-0 blend, clamp(0 * x + d), is d itself for x in [0, 1] (a
+        # zero, the grayscale mean, the grayscale map), the same values without writing or reading a full-size image
         if base == 'Brightness':
-            deg = torch.zeros_like(x)
+            deg = x.new_zeros((1, 1, 1, 1))
         elif base == 'Contrast':
-            deg = TF.adjust_contrast(x, 0.0)
+            deg = TF.rgb_to_grayscale(x).mean((-3, -2, -1), keepdim=True)
         elif base == 'Color':
             if x.shape[1] == 1:
                 return x
-            deg = TF.adjust_saturation(x, 0.0)
+            deg = TF.rgb_to_grayscale(x)
         else:  # Sharpness
             if x.shape[-1] <= 2:
                 return x
