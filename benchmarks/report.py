@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from benchmarks import ceiling, compare, layout, peer
+from benchmarks import ceiling, compare, layout, peer, roofline
 from cpc_models.atomic import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,9 @@ LAYOUT = RESULTS / 'layout_cpu.json'
 RUN = RESULTS / 'cpu.json'
 CEILING = RESULTS / 'ceiling_cpu.json'  # benchmarks.ceiling: the step against the matmul rate
 CUDA_RUN = RESULTS / 'cuda.json'
+ROOFLINE = RESULTS / 'roofline.json'  # benchmarks.roofline: R-161, batch 32, against 062290c
+ROOFLINE_R50 = RESULTS / 'roofline_r50.json'
+IMAGENET_IMAGES = 1_281_167
 
 
 def _load(path: Path) -> Dict:
@@ -123,9 +126,33 @@ def run_summary() -> str:
     return '\n'.join(lines).rstrip()
 
 
+def roofline_summary() -> str:
+    """docs/benchmarks.md: the roofline of the R-161 step and the GPU-hours of the ImageNet presets at its bounds."""
+    from cpc_models.train import PRESETS
+    doc = _load(ROOFLINE)
+    lines = [roofline.markdown(doc).rstrip(), '',
+             f"GPU-hours of the ImageNet presets **at these bounds** (not measurements: a step can only be slower), "
+             f"{IMAGENET_IMAGES:,} images per epoch, batch 32 per GPU, no checkpointing, perfect scaling over 8 GPUs "
+             f"(`{ROOFLINE_R50.relative_to(ROOT)}`: `{_load(ROOFLINE_R50)['command']}`):", '',
+             '| preset | model | GPU | kernels | img/s per GPU (bound) | GPU-hours (bound) | wall-clock on 8 GPUs '
+             '(bound) |', '|---|---|---|---|---:|---:|---:|']
+    for preset, path in (('imagenet_r161', ROOFLINE), ('imagenet_r50', ROOFLINE_R50)):
+        d = _load(path)
+        epochs = PRESETS[preset]['epochs']
+        for gpu in roofline.PEAKS:
+            for r in d['counts']:
+                if r['checkpointing']:
+                    continue
+                img_s = r['batch'] / r['bounds'][gpu]['step_ms'] * 1e3
+                hours = epochs * IMAGENET_IMAGES / img_s / 3600
+                lines.append(f"| `{preset}` ({epochs} epochs) | `{d['model']}` | {gpu} | {r['norm']} | {img_s:,.0f} | "
+                             f"{hours:,.0f} | {hours / 8:,.0f} h ({hours / 8 / 24:.1f} days) |")
+    return '\n'.join(lines)
+
+
 BLOCKS: Dict[str, Callable[[], str]] = {'speed': speed_summary, 'targets': targets_table, 'layout': layout_table,
-                                        'run': run_summary}
-FILES = {'README.md': ['speed', 'run'], 'docs/benchmarks.md': ['speed', 'targets', 'layout']}
+                                        'run': run_summary, 'roofline': roofline_summary}
+FILES = {'README.md': ['speed', 'run'], 'docs/benchmarks.md': ['speed', 'targets', 'layout', 'roofline']}
 
 
 def render(text: str, names: List[str]) -> str:

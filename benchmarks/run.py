@@ -47,13 +47,13 @@ from benchmarks.cases import (
 )
 from benchmarks.common import RESULTS, RUNS, machine_info, matmul_rate, measure
 from benchmarks.profile_step import profile_train_step
+from benchmarks.roofline import PEAKS
 from cpc_models import config as C
 from cpc_models.atomic import write_text
 from cpc_models.augment import PatchAugmentConfig
 from cpc_models.checks import check_device
 
 SCHEMA = 'cpc-models-benchmarks/1'
-H200_BF16_DENSE_TFLOPS = 790.0  # dense bf16 matmul rate of an H200 as measured (below the datasheet peak)
 PROG = 'python -m benchmarks.run'
 NEGATIVES = {  # name: (batch, rows, cols, directions, offsets) of the negatives baseline
     'fmnist_tiny preset': (32, 6, 6, 4, (2, 3)),
@@ -216,9 +216,11 @@ def peak_flops(device: torch.device, threads: int, smoke: bool) -> Dict:
     measured = matmul_rate(device, dtype, n, threads, min_run_time=0.2 if smoke else 2.0)
     out = dict(matmul=f'{n}x{n}x{n} {str(dtype).split(".")[-1]}', measured_flops=measured,
                load_avg=os.getloadavg()[0])
-    if device.type == 'cuda':
-        out.update(reference_flops=H200_BF16_DENSE_TFLOPS * 1e12,
-                   reference='dense bf16 peak of an H200 (~790 TFLOP/s; measured matmul given beside it)')
+    if device.type == 'cuda':  # the datasheet's dense bf16 peak (H100 SXM and H200 alike; benchmarks.roofline.PEAKS)
+        gpu = 'H200' if 'H200' in torch.cuda.get_device_name(device) else 'H100 SXM'
+        out.update(reference_flops=PEAKS[gpu]['bf16_tflops'] * 1e12,
+                   reference=f"datasheet dense bf16 peak of an {gpu} ({PEAKS[gpu]['bf16_tflops']} TFLOP/s, "
+                             f"{PEAKS[gpu]['source'].split(' ')[0]}; measured matmul given beside it)")
     else:
         out.update(reference_flops=measured, reference=f'measured fp32 matmul ({out["matmul"]}, {threads} threads)')
     return out

@@ -257,10 +257,15 @@ class PatchAugment(nn.Module):
         m = cfg.magnitude + cfg.magnitude_std * rand.normal((n,))
         return m.clamp(0, cfg.magnitude_max)
 
-    def _level(self, name: str, mag: torch.Tensor) -> torch.Tensor:
-        table = self._const(name, lambda: self._tables[name], mag.device)
+    def _slot(self, op: torch.Tensor, on: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor):
+        """One AutoAugment slot's draws -> (sel (n, K) bool: patch i applies op k, levels (K, n): the argument of
+        every op at each patch's magnitude (timm's mapping, tabulated), neg (n,)): every op's mask and level in a
+        few ops for the whole batch rather than a few per op."""
+        dev = op.device
+        ids = self._const('op_ids', lambda: torch.arange(len(self._ops)), dev)
+        table = self._const('levels', lambda: torch.stack([self._tables[n] for n in self._ops]), dev)
         idx = (mag / self.cfg.magnitude_max * (_TABLE_SIZE - 1)).round().long().clamp_(0, _TABLE_SIZE - 1)
-        return table[idx]
+        return (op[:, None] == ids) & on[:, None], table.index_select(1, idx), neg
 
     # ------------------------------------------------------------------ forward
     def forward(self, patches: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -281,7 +286,7 @@ class PatchAugment(nn.Module):
             for _ in range(cfg.num_ops):
                 op = rand.randint(len(self._ops), (n,))
                 on = rand((n,)) < cfg.auto_augment_prob
-                slots.append((op, on, self._magnitudes(n, rand), rand((n,)) < 0.5))
+                slots.append(self._slot(op, on, self._magnitudes(n, rand), rand((n,)) < 0.5))
 
         # ---- 1. geometry: one affine per patch (inverse map, output px -> input px, centred) + elastic field
         x = self._warp(x, slots, rand)
@@ -290,17 +295,17 @@ class PatchAugment(nn.Module):
         masked = self._masked(x)
         if slots and x is patches and not masked:
             x = x.clone()
-        for op, on, mag, neg in slots:
+        for sel, levels, neg in slots:
             for k, name in enumerate(self._ops):
                 if name in GEOMETRIC_OPS:
                     continue
                 if masked:
-                    x = torch.where((on & (op == k)).view(n, 1, 1, 1), self._color_op(name, x, mag, neg), x)
+                    x = torch.where(sel[:, k].view(n, 1, 1, 1), self._color_op(name, x, levels[k], neg), x)
                     continue
-                idx = torch.nonzero(on & (op == k)).squeeze(1)
+                idx = torch.nonzero(sel[:, k]).squeeze(1)
                 if idx.numel() == 0:
                     continue
-                x.index_copy_(0, idx, self._color_op(name, x.index_select(0, idx), mag[idx], neg[idx]))
+                x.index_copy_(0, idx, self._color_op(name, x.index_select(0, idx), levels[k][idx], neg[idx]))
 
         # ---- 3. colour jitter (torchvision ColorJitter ranges, fixed order b, c, s, h)
         if cfg.color_jitter_prob > 0 and any(v > 0 for v in cfg.color_jitter):
@@ -336,27 +341,25 @@ class PatchAugment(nn.Module):
             shift = rand.randint(2 * cfg.jitter + 1, (n, 2)).to(dt) - cfg.jitter  # content moves by +shift
             t -= shift
             warp |= (shift != 0).any(1)
-        for op, on, mag, neg in slots:
+        geo = [k for k, name in enumerate(self._ops) if name in GEOMETRIC_OPS]
+        for sel, levels, neg in (slots if geo else ()):
+            # A patch draws one op per slot, so of the slot's geometric ops at most one is not the identity: their
+            # product is that one matrix, built for every patch at once (v = 0 where an op is not drawn)
             sign = torch.where(neg, -1.0, 1.0).to(dt)
-            for k, name in enumerate(self._ops):
-                if name not in GEOMETRIC_OPS:
-                    continue
-                sel = on & (op == k)
-                v = torch.where(sel, self._level(name, mag).to(dt) * sign, torch.zeros((), device=dev, dtype=dt))
-                m = torch.eye(2, device=dev, dtype=dt).expand(n, 2, 2).clone()
-                if name == 'Rotate':
-                    r = torch.deg2rad(v)
-                    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = r.cos(), -r.sin(), r.sin(), r.cos()
-                elif name == 'ShearX':  # PIL affine (1, f, 0, 0, 1, 0), about the patch centre
-                    m[:, 0, 1] = v
-                elif name == 'ShearY':
-                    m[:, 1, 0] = v
-                elif name == 'TranslateXRel':  # PIL: x_in = x_out + pct * width
-                    t[:, 0] += v * p
-                elif name == 'TranslateYRel':
-                    t[:, 1] += v * p
-                a = a @ m
-                warp |= sel
+            ks = self._const(('geo', tuple(geo)), lambda: torch.tensor(geo), dev)
+            picked = sel.index_select(1, ks).t()  # (G, n)
+            v = torch.where(picked, levels.index_select(0, ks).to(dt) * sign, torch.zeros((), device=dev, dtype=dt))
+            arg = {self._ops[k]: v[i] for i, k in enumerate(geo)}
+            zero = torch.zeros((), device=dev, dtype=dt)
+            r = torch.deg2rad(arg['Rotate']) if 'Rotate' in arg else zero.expand(n)
+            cos, sin = r.cos(), r.sin()
+            # PIL affines about the patch centre: ShearX (1, f, 0, 0, 1, 0), ShearY (1, 0, 0, f, 1, 0)
+            m = torch.stack([cos, -sin + arg.get('ShearX', zero), sin + arg.get('ShearY', zero), cos], 1)
+            a = a @ m.view(n, 2, 2)
+            if 'TranslateXRel' in arg or 'TranslateYRel' in arg:  # PIL: x_in = x_out + pct * width
+                t = t + torch.stack([arg.get('TranslateXRel', zero).expand(n), arg.get('TranslateYRel', zero).expand(n)],
+                                    1) * p
+            warp |= picked.any(0)
         el = None
         if cfg.elastic > 0 and cfg.elastic_alpha > 0:
             el = rand((n,)) < cfg.elastic
@@ -405,15 +408,16 @@ class PatchAugment(nn.Module):
             f = nnf.interpolate(f / s, size=(p, p), mode='bilinear', align_corners=False)
         return f * (cfg.elastic_alpha / p)
 
-    def _color_op(self, name: str, x: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """One timm AutoAugment colour primitive on a group of patches (n, C, P, P) with per-patch magnitudes."""
+    def _color_op(self, name: str, x: torch.Tensor, level: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """One timm AutoAugment colour primitive on a group of patches (n, C, P, P) with per-patch arguments
+        ``level`` (n,) (timm's mapping of each patch's magnitude; :meth:`_slot`)."""
         if name == 'AutoContrast':
             return _autocontrast(x)
         if name == 'Equalize':
             return TF.equalize(x)
         if name == 'Invert':
             return 1.0 - x
-        v = self._level(name, mag).to(x.dtype)
+        v = level.to(x.dtype)
         if name.startswith('Posterize'):  # PIL posterize on 8-bit values: keep `bits` MSBs
             bits = v.round().clamp(0, 8).view(-1, 1, 1, 1)
             step = 2.0 ** (8 - bits)
@@ -426,15 +430,17 @@ class PatchAugment(nn.Module):
         base = name.removesuffix('Increasing')
         if name != base:
             v = (1.0 + torch.where(neg, -v, v)).clamp(min=0.1)
-        # degenerate images as torchvision computes them (factor 0), blended per patch
+        # degenerate images as torchvision computes them (factor 0), blended per patch. Brightness, Contrast and Color
+        # pass theirs unexpanded: torchvision's factor-0 blend, clamp(0 * x + d), is d itself for x in [0, 1] (a
+        # zero, the grayscale mean, the grayscale map), the same values without writing or reading a full-size image
         if base == 'Brightness':
-            deg = torch.zeros_like(x)
+            deg = x.new_zeros((1, 1, 1, 1))
         elif base == 'Contrast':
-            deg = TF.adjust_contrast(x, 0.0)
+            deg = TF.rgb_to_grayscale(x).mean((-3, -2, -1), keepdim=True)
         elif base == 'Color':
             if x.shape[1] == 1:
                 return x
-            deg = TF.adjust_saturation(x, 0.0)
+            deg = TF.rgb_to_grayscale(x)
         else:  # Sharpness
             if x.shape[-1] <= 2:
                 return x

@@ -12,9 +12,13 @@ above (and one column either side).
 The 1x3 conv is zero-padded along the width ("same"), so the grid keeps its width and the residual sum needs
 no cropping; the pseudo-code marks only the 2x1 conv as valid. Any grid of at least 1x1 is accepted.
 """
+from typing import List, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .fused_norm import cast_all
 
 __all__ = ['MaskedContextNet', 'MaskedResidualBlock']
 
@@ -29,10 +33,15 @@ class MaskedResidualBlock(nn.Module):
         self.conv3 = nn.Conv2d(hidden, hidden, (2, 1))
         self.conv4 = nn.Conv2d(hidden, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(F.relu(self.conv1(x)))
-        h = F.relu(self.conv3(F.pad(h, (0, 0, 1, 0))))  # pad (left, right, top, bottom): one row on top
-        return x + self.conv4(h)
+    def forward(self, x: torch.Tensor, params: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """``params``: the four convolutions' (weight, bias) in order, e.g. cast copies; default: the modules' own."""
+        w = params if params is not None else self.conv_params()
+        h = F.conv2d(F.relu(F.conv2d(x, w[0], w[1])), w[2], w[3], padding=(0, 1))
+        h = F.relu(F.conv2d(F.pad(h, (0, 0, 1, 0)), w[4], w[5]))  # pad (left, right, top, bottom): one row on top
+        return x + F.conv2d(h, w[6], w[7])
+
+    def conv_params(self) -> List[torch.Tensor]:
+        return [p for c in (self.conv1, self.conv2, self.conv3, self.conv4) for p in (c.weight, c.bias)]
 
 
 class MaskedContextNet(nn.Module):
@@ -71,4 +80,14 @@ class MaskedContextNet(nn.Module):
                 f'(shape {tuple(z.shape)}); build it with channels=model.num_features.')
         if z.shape[2] < 1 or z.shape[3] < 1:
             raise ValueError(f'MaskedContextNet needs a latent grid of at least 1x1, got shape {tuple(z.shape)}.')
-        return F.relu(self.blocks(z))
+        kind = z.device.type
+        if kind == 'meta' or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling():
+            return F.relu(self.blocks(z))
+        # under autocast: every block's weights and biases cast in one multi-tensor copy (their gradients back in
+        # one), not one cast per tensor and direction
+        params = [p for b in self.blocks for p in b.conv_params()]
+        dtype = torch.get_autocast_dtype(kind)
+        cast = iter(cast_all(params, dtype) if all(p.dtype != dtype for p in params) else params)
+        for block in self.blocks:
+            z = block(z, [next(cast) for _ in range(8)])
+        return F.relu(z)

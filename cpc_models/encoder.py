@@ -23,11 +23,12 @@ Modes:
   ``features_only=True`` builds this mode and returns the multi-scale maps through ``forward_intermediates``
   (timm's ``FeatureGetterNet``), for detection and segmentation.
 """
+import contextlib
 import os
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._weights import WeightsMismatchError, check_keys, pretrained_errors
+from .fused_norm import add_layer_norm_act_nhwc, cast_all, layer_norm_act_nhwc, use_fused
 from .patches import check_images, grid_size, is_symbolic_tracing, patchify
 
 __all__ = ['CPCResNetV2', 'LayerNormAct2d', 'PatchConv2d', 'PreActBottleneck', 'WEIGHTS_DIR']
@@ -79,6 +81,8 @@ class LayerNormAct2d(GroupNorm1Act):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._fused(x):
+            return layer_norm_act_nhwc(x, self.weight, self.bias, self.eps, type(self.act) is nn.ReLU)
         nhwc = _nhwc(x)
         if nhwc:
             x = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous: channels are the last normalized dim
@@ -94,6 +98,12 @@ class LayerNormAct2d(GroupNorm1Act):
         # the activation (often in place) acts on the normalized tensor itself, never on a permuted view of it
         x = self.act(self.drop(x))
         return x.permute(0, 3, 1, 2) if nhwc else x
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> bool:
+        """cpc_models.fused_norm's one-kernel norm + ReLU (CUDA, channels_last, Triton): no per-step expand, cast or
+        sum of the per-channel parameters."""
+        return use_fused(x, self.act, self.drop, self.weight is not None and self.bias is not None)
 
     @torch.jit.unused
     def _layer_norm(self, x: torch.Tensor, shape: List[int], weight: Optional[torch.Tensor],
@@ -142,10 +152,19 @@ class PatchConv2d(nn.Conv2d):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if not torch.jit.is_scripting():
+            weight = self._weight()
         if self.centre_only and x.ndim == 4 and x.shape[2] == 1 and x.shape[3] == 1:
-            centre = self.weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2]
+            centre = weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2]
             return F.linear(x.flatten(1), centre, self.bias).view(x.shape[0], -1, 1, 1)
-        return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(x, weight, self.bias)
+
+    @torch.jit.unused
+    def _weight(self) -> torch.Tensor:
+        """The weight, or its copy in autocast's dtype made for the whole trunk at once (CPCResNetV2._cast_weights)."""
+        cast = self.__dict__.get('_cast_weight')
+        return self.weight if cast is None else cast
 
 
 def _norm_act(norm_layer: Union[str, Callable], act_layer, eps: float) -> Callable:
@@ -198,11 +217,17 @@ class PreActBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_preact = self.norm1(x)
+        branch, shortcut = self.forward_branches(x, x_preact)
+        return self.drop_path(branch) + shortcut
+
+    def forward_branches(self, x: torch.Tensor, x_preact: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block's two summands before the residual add: (conv3(...conv1(x_preact)), shortcut), from its input
+        x and x_preact = norm1(x)."""
         shortcut = x if self.downsample is None else self.downsample(x_preact)
         x = self.conv1(x_preact)
         x = self.conv2(self.norm2(x))
         x = self.conv3(self.norm3(x))
-        return self.drop_path(x) + shortcut
+        return x, shortcut
 
 
 class ResNetStage(nn.Module):
@@ -384,7 +409,60 @@ class CPCResNetV2(nn.Module):
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stacks and final norm-act on a batch of images or patches (N, C, H, W) -> (N, F, h, w)."""
-        return self.norm(self.stages(self.stem(x)))
+        x = self.stem(x)
+        if not torch.jit.is_scripting() and self._fuse_residuals(x):
+            return self._forward_blocks_fused(x)
+        return self.norm(self.stages(x))
+
+    @torch.jit.unused
+    def _fuse_residuals(self, x: torch.Tensor) -> bool:
+        """Each residual add fused with the norm-act that reads its sum (cpc_models.fused_norm): where the norm-act
+        layers take the fused path, without checkpointing or stochastic depth."""
+        if is_symbolic_tracing():  # torch.fx (timm's feature extraction) traces the modules' own path
+            return False
+        norm = self.norm
+        return (isinstance(norm, LayerNormAct2d) and len(self.stages) > 0 and not self.grad_checkpointing
+                and not any(s.grad_checkpointing for s in self.stages)
+                and all(isinstance(b.drop_path, nn.Identity) and isinstance(b.norm1, LayerNormAct2d)
+                        and type(b.norm1.act) is type(norm.act) for s in self.stages for b in s.blocks)
+                and norm._fused(x))
+
+    @torch.jit.unused
+    def _forward_blocks_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The stacks and the final norm with every block's residual add done by the next norm-act's kernel: the same
+        function as ``self.norm(self.stages(x))`` (the norm-act modules' forward hooks do not run)."""
+        blocks = [b for s in self.stages for b in s.blocks]
+        with self._cast_weights(x):
+            y = blocks[0].norm1(x)
+            for i, block in enumerate(blocks):
+                branch, shortcut = block.forward_branches(x, y)
+                norm = blocks[i + 1].norm1 if i + 1 < len(blocks) else self.norm
+                x, y = add_layer_norm_act_nhwc(branch, shortcut, norm.weight, norm.bias, norm.eps,
+                                               type(norm.act) is nn.ReLU)
+        return y
+
+    @torch.jit.unused
+    @contextlib.contextmanager
+    def _cast_weights(self, x: torch.Tensor) -> Iterator[None]:
+        """Under autocast, the stacks' convolution weights cast to its dtype in one multi-tensor copy (and their
+        gradients back in one), instead of one cast per convolution each way; eager only (a compiled graph fuses them)."""
+        kind = x.device.type
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        # Under DDP the gradients must come back stack by stack, so that their all-reduce overlaps the backward
+        # (one cast's backward would hand every trunk gradient over only at its end): one cast per convolution there.
+        if kind == 'meta' or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling() or distributed:
+            yield
+            return
+        dtype = torch.get_autocast_dtype(kind)
+        convs = [m for s in self.stages for m in s.modules() if isinstance(m, PatchConv2d) and m.weight.dtype != dtype]
+        for m, w in zip(convs, cast_all([m.weight for m in convs], dtype)):
+            m.__dict__['_cast_weight'] = w
+        try:
+            yield
+        finally:
+            for m in convs:
+                m.__dict__.pop('_cast_weight', None)
 
     def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """Encode pre-cut (e.g. augmented) patches (B, rows, cols, C, P, P) into the latent grid (B, F, rows, cols).

@@ -44,7 +44,7 @@ from .checks import create_model as checked_create_model
 from . import config as C
 from .config import ConfigError
 from .images import ImageFiles, collate_readable, find_images
-from .runtime import Switch, cap_workers, channels_last_default, compile_default, compiled_method, resolve
+from .runtime import Switch, cap_workers, channels_last_default, compile_default, compiled_method, resolve, tune_cudnn
 
 __all__ = ['extract_features', 'extract_files', 'normalize', 'read_features', 'main']
 
@@ -85,6 +85,7 @@ def prepare_inference(model: torch.nn.Module, device, n_images: int, channels_la
     runtime.COMPILE_MIN_IMAGES images on a device where it pays; eager if compiling fails). Afterwards the model has
     its own memory format and methods again."""
     before = _layout(model)
+    tune_cudnn(device)
     cl = resolve(channels_last, channels_last_default(device, 'inference'))
     model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     try:

@@ -103,6 +103,10 @@ class ObjectiveConfig:
     shared_context: bool = True  # one context network for every direction (the grid flipped/transposed)
     emb_scale: float = 0.1  # scale of the predictions, an inverse temperature (0.1 in the pseudo-code)
     gather_distributed: bool = True  # under torch.distributed, contrast against the targets of every rank
+    # 'bfloat16': targets, predictions, the all-gather and the logits matmul in bf16 (half the gather's bytes, the
+    # matmul on tensor cores), the cross-entropy still in fp32; 'float32' (default): all of it in fp32. The paper is
+    # silent; the loss moves by bf16 rounding (tests/test_objective.py bounds it against fp32).
+    logits_dtype: str = 'float32'
 
 
 class CPCObjective(nn.Module):
@@ -121,6 +125,8 @@ class CPCObjective(nn.Module):
             always shared (targets are the same vectors whatever the direction).
         emb_scale: scale of the predictions (0.1 in the pseudo-code), i.e. an inverse temperature.
         gather_distributed: under torch.distributed, contrast against the targets of all ranks.
+        logits_dtype: 'float32' (default) or 'bfloat16': the dtype of targets, predictions, their all-gather and the
+            logits matmul; the cross-entropy and the loss are fp32 either way.
 
     Shapes:
         z (B, C, R, W) -> ObjectiveOutput(loss (), metrics {name: ()}).
@@ -150,8 +156,12 @@ class CPCObjective(nn.Module):
             shared_context: bool = True,
             emb_scale: float = 0.1,
             gather_distributed: bool = True,
+            logits_dtype: str = 'float32',
     ):
         super().__init__()
+        if logits_dtype not in ('float32', 'bfloat16'):
+            raise ValueError(f"logits_dtype must be 'float32' or 'bfloat16', got {logits_dtype!r}.")
+        self.logits_dtype = getattr(torch, logits_dtype)
         if isinstance(offsets, int):
             offsets = (offsets,)
         offsets = tuple(offsets)
@@ -188,7 +198,8 @@ class CPCObjective(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'offsets={self.offsets}, directions={self.directions}, shared_context={self.shared_context}, '
-                f'emb_scale={self.emb_scale}, gather_distributed={self.gather_distributed}')
+                f'emb_scale={self.emb_scale}, gather_distributed={self.gather_distributed}, '
+                f'logits_dtype={str(self.logits_dtype)[6:]}')
 
     def check_latents(self, z: torch.Tensor) -> None:
         """Raise a ValueError that says what to change when ``z`` is not a usable latent grid (B, C, R, W)."""
@@ -246,10 +257,13 @@ class CPCObjective(nn.Module):
         _warn_single_image(b * (world_size() if gather else 1))
         contexts = self.frame_contexts(z)
         dim, n = self.target_dim, rows * cols
-        # Projections, logits and cross-entropy in fp32 even under autocast (logits over thousands of candidates).
+        # Projections, logits and cross-entropy in fp32 even under autocast (logits over thousands of candidates),
+        # unless logits_dtype is bf16: then the projections, the gather and the logits matmul run in bf16
+        low = self.logits_dtype == torch.bfloat16
+        cast = _bf16 if low else _fp32
         with torch.autocast(device_type=z.device.type, enabled=False):
             proj = self.target_proj
-            targets = F.linear(_fp32(z).permute(0, 2, 3, 1), _fp32(proj.weight), _fp32(proj.bias)).reshape(b * n, dim)
+            targets = F.linear(cast(z).permute(0, 2, 3, 1), cast(proj.weight), cast(proj.bias)).reshape(b * n, dim)
             first = 0
             if gather:
                 targets = gather_with_grad(targets)
@@ -259,9 +273,9 @@ class CPCObjective(nn.Module):
             preds, labels, names, sizes = [], [], [], []
             for d in self.directions:
                 heads = self.predictors[d].values()
-                weight = _fp32(torch.cat([h.weight for h in heads]))
-                bias = _fp32(torch.cat([h.bias for h in heads]))
-                pred = F.linear(_fp32(contexts[d]).permute(0, 2, 3, 1), weight, bias) * self.emb_scale
+                weight = cast(torch.cat([h.weight for h in heads]))
+                bias = cast(torch.cat([h.bias for h in heads]))
+                pred = F.linear(cast(contexts[d]).permute(0, 2, 3, 1), weight, bias) * self.emb_scale
                 frame_pos = to_frame(positions, d)
                 length = frame_pos.shape[0]
                 for i, k in enumerate(self.offsets):
@@ -271,6 +285,8 @@ class CPCObjective(nn.Module):
                     names.append(f'{d}/k{k}')
                     sizes.append(preds[-1].shape[0])
             logits = torch.cat(preds) @ targets.t()  # (anchors, candidates), one matmul for all tasks
+            if low:
+                logits = logits.float()  # the cross-entropy in fp32
             labels = torch.cat(labels)
             ce, hit = info_nce(logits, labels)
             correct = hit.float()
@@ -279,6 +295,10 @@ class CPCObjective(nn.Module):
         metrics = {f'acc/{name}': acc for name, acc in zip(names, task_acc, strict=True)}
         metrics['acc'] = task_acc.mean()
         return ObjectiveOutput(task_loss.mean(), metrics)
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16)
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch.nn as nn
 
 __all__ = ['Switch', 'AUTO', 'CPU_CHANNELS_LAST', 'COMPILE_MIN_STEPS', 'COMPILE_MIN_IMAGES', 'resolve',
            'channels_last_default', 'compile_default', 'compile_with_fallback', 'compile_method', 'compiled_method',
-           'cpu_model', 'available_cores', 'cap_workers']
+           'cpu_model', 'available_cores', 'cap_workers', 'tune_cudnn', 'saved_activation_bytes',
+           'checkpointing_default', 'MEMORY_HEADROOM']
 
 Kind = Literal['train', 'inference']
 
@@ -94,6 +95,47 @@ def compile_default(device, kind: Kind, work: int) -> bool:
     training steps >= COMPILE_MIN_STEPS, or images to encode >= COMPILE_MIN_IMAGES."""
     least = COMPILE_MIN_STEPS if kind == 'train' else COMPILE_MIN_IMAGES
     return _device_type(device) in COMPILE_DEVICES[kind] and work >= least
+
+
+def tune_cudnn(device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest
+    (``torch.backends.cudnn.benchmark``): training steps and extraction batches repeat the same shapes."""
+    if _device_type(device) == 'cuda':
+        torch.backends.cudnn.benchmark = True
+
+
+# Checkpointing is switched on when the step's estimated peak would exceed this share of the free device memory.
+MEMORY_HEADROOM = 0.85
+
+
+def saved_activation_bytes(fn: Callable, *args, autocast_dtype=None) -> int:
+    """Bytes of the tensors autograd saves for backward when ``fn(*args)`` runs (the activations a training step
+    holds at its peak), counted on fake tensors: no memory, no arithmetic. Parameters saved as they are do not
+    count (they are resident anyway); their autocast copies do."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    total = [0]
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    kind = args[0].device.type
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with torch.autocast(kind, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            fn(*fake)
+    return total[0]
+
+
+def checkpointing_default(device, activation_bytes: int, resident_bytes: int) -> bool:
+    """Gradient checkpointing for ``auto``: on CUDA when the step's saved activations plus what stays resident
+    (parameters, gradients, optimizer state) exceed :data:`MEMORY_HEADROOM` of the device's free memory; never on
+    other devices (host memory is not measured)."""
+    if _device_type(device) != 'cuda':
+        return False
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return activation_bytes + resident_bytes > MEMORY_HEADROOM * free
 
 
 # Raised by torch.compile when it cannot compile (no C++ compiler, unsupported op, backend failure).

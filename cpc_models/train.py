@@ -52,7 +52,17 @@ from .distributed import init_distributed
 from .images import collate_readable
 from .objective import CPCObjective, ObjectiveConfig, ObjectiveOutput
 from .patches import patchify
-from .runtime import Switch, cap_workers, channels_last_default, compile_default, compile_method, resolve
+from .runtime import (
+    Switch,
+    cap_workers,
+    channels_last_default,
+    checkpointing_default,
+    compile_default,
+    compile_method,
+    resolve,
+    saved_activation_bytes,
+    tune_cudnn,
+)
 from .schedule import warmup_cosine
 
 __all__ = ['TrainConfig', 'PRESETS', 'build_config', 'check_config', 'CPCModel', 'build_model', 'build_optimizer',
@@ -98,7 +108,9 @@ class TrainConfig:
     # torch.compile the encoder trunk and the objective (eager if compiling fails); auto = on for CUDA runs of at
     # least 1000 steps, off on the CPU (measured no faster there)
     compile: Switch = 'auto'
-    grad_checkpointing: bool = False  # recompute each stack's activations in backward
+    # recompute each stack's activations in backward; auto: on CUDA when the step would not fit the free memory
+    # (runtime.checkpointing_default, from the activations the step saves, counted on fake tensors), else off
+    grad_checkpointing: Switch = 'auto'
     seed: int = 0  # data order; augmentation generator of rank r: seed * 1000 + r
     progress: bool = True  # tqdm progress bar
     # ---- checkpoint ----
@@ -114,7 +126,7 @@ PRESETS: Dict[str, Dict] = {
     # the paper leaves them open. 260 px crops (resize 300), 6x6 grid of 80 px patches, 4 directions.
     'imagenet_r161': dict(
         model='cpcv2_resnet161', data='', image_size=260, resize=300, num_workers=10, batch_size=512,
-        epochs=200, lr=4e-4, warmup_steps=5000, weight_decay=1e-4, grad_checkpointing=True, save_every=2000,
+        epochs=200, lr=4e-4, warmup_steps=5000, weight_decay=1e-4, grad_checkpointing='auto', save_every=2000,
         objective=dict(directions=4), augment={}),
     # (b) ImageNet ResNet-50 (the paper's 63.8% model), same recipe.
     'imagenet_r50': dict(
@@ -265,10 +277,32 @@ def use_compile(cfg: TrainConfig, device: torch.device, total_steps: int) -> boo
 def build_model(cfg: TrainConfig, device: torch.device) -> CPCModel:
     """The timm encoder (num_classes=0) and the objective, on ``device``, with the config's runtime switches."""
     encoder = timm.create_model(cfg.model, pretrained=False, num_classes=0, **cfg.model_args)
-    encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     objective = CPCObjective(encoder.num_features, **dataclasses.asdict(cfg.objective))
     model = CPCModel(encoder, objective).to(device)
-    return model.to(memory_format=torch.channels_last) if use_channels_last(cfg, device) else model
+    model = model.to(memory_format=torch.channels_last) if use_channels_last(cfg, device) else model
+    encoder.set_grad_checkpointing(use_checkpointing(cfg, model, device))
+    return model
+
+
+def use_checkpointing(cfg: TrainConfig, model: 'CPCModel', device: torch.device) -> bool:
+    """The config's ``grad_checkpointing``, with ``auto`` resolved: on CUDA, on when the activations a step at this
+    rank's batch saves (counted on fake tensors, with the run's layout and precision) plus the resident parameters,
+    gradients and AdamW state exceed the free memory's headroom (runtime.checkpointing_default); off elsewhere."""
+    if isinstance(cfg.grad_checkpointing, bool) or device.type != 'cuda':
+        return resolve(cfg.grad_checkpointing, False)
+    enc = model.encoder
+    data_cfg = timm.data.resolve_model_data_config(enc)
+    rows, cols = enc.grid_size(cfg.image_size or data_cfg['input_size'][-1])
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    per_rank = max(1, cfg.batch_size // world)
+    flat = torch.zeros(2 * rows * cols, data_cfg['input_size'][0], enc.patch_size, enc.patch_size, device=device)
+    if use_channels_last(cfg, device):
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    patches = flat.view(2, rows, cols, *flat.shape[1:])  # 2 images: the objective's negatives need more than one
+    enc.set_grad_checkpointing(False)
+    act = saved_activation_bytes(model, patches, autocast_dtype=torch.bfloat16 if use_bf16(cfg, device) else None)
+    resident = 16 * sum(p.numel() for p in model.parameters())  # fp32 weights, gradients, AdamW's two moments
+    return checkpointing_default(device, act // 2 * per_rank, resident)
 
 
 def compile_trunk(encoder: nn.Module, **compile_kwargs) -> None:
@@ -488,6 +522,7 @@ def train(cfg: TrainConfig) -> Dict:
     rank, world, device = init_distributed()
     if cfg.device != 'auto':
         device = check_device(cfg.device)
+    tune_cudnn(device)  # fixed shapes every step: cuDNN picks its fastest convolution algorithms once
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
@@ -546,8 +581,9 @@ def train(cfg: TrainConfig) -> Dict:
         n_params = sum(p.numel() for p in encoder.parameters())
         print(f'{cfg.model}: {n_params / 1e6:.2f}M encoder parameters; {img_size}px images -> {rows}x{cols} grid of '
               f'{encoder.patch_size}px patches; {world} process(es); {total_steps} steps on {device}')
-        print(f'runtime: channels_last {setup.channels_last}, bf16 autocast {setup.bf16}, torch.compile {compiled} '
-              f'(config: channels_last={cfg.channels_last}, compile={cfg.compile})')
+        print(f'runtime: channels_last {setup.channels_last}, bf16 autocast {setup.bf16}, torch.compile {compiled}, '
+              f'gradient checkpointing {encoder.grad_checkpointing} (config: channels_last={cfg.channels_last}, '
+              f'compile={cfg.compile}, grad_checkpointing={cfg.grad_checkpointing})')
         if setup.bf16 and device.type == 'cpu' and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             print('warning: --bf16-cpu on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates it, '
                   'which is usually slower than fp32; drop --bf16-cpu', file=sys.stderr)

@@ -559,6 +559,20 @@ def test_enhance_op_matches_torchvision_in_float(name, dtype):
             assert min(errors) < 1e-6, (name, m, errors)  # magnitudes are tabulated in float32
 
 
+@pytest.mark.parametrize('c', [3, 1])
+def test_unexpanded_degenerate_images_blend_bit_for_bit_like_torchvisions(c):
+    """Brightness, Contrast and Color blend with a broadcast degenerate (a zero, the grayscale mean, the grayscale
+    map), not torchvision's full-size factor-0 image: the same pixels exactly, for patches in [0, 1] (edges too)."""
+    x = patches(32, c, 8)
+    x[0], x[1], x[2, :, :4] = 0.0, 1.0, 1.0
+    f = torch.rand(32, generator=gen()) * 1.9 + 0.1
+    aug = PatchAugment(aa('Brightness', 5.0))
+    for name, tv in (('Brightness', TF.adjust_brightness), ('Contrast', TF.adjust_contrast),
+                     ('Color', TF.adjust_saturation)):
+        ref = torch.lerp(tv(x, 0.0), x, f.view(-1, 1, 1, 1)).clamp_(0, 1)  # the full-size degenerate image
+        assert torch.equal(aug._color_op(name, x, f, torch.zeros(32, dtype=torch.bool)), ref), (name, c)
+
+
 def test_enhance_ops_on_tiny_and_one_channel_patches():
     for p in (2, 3):
         x = patches(8, 3, p)

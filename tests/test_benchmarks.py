@@ -162,3 +162,55 @@ def test_ceiling_counts_the_step_flops_by_dtype_and_times_the_matrix_kernels(tmp
     expected = sum(e.cpu_time_total for e in events if e.name in ('aten::mm', 'aten::convolution')) / 1e6
     assert kernel_seconds(prof) == pytest.approx(expected) and expected > 0
     assert kernel_seconds(prof) < sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1e6
+
+
+def test_roofline_counts_ops_bytes_and_bounds_on_fake_tensors(tmp_path):
+    """benchmarks.roofline on the tiny model (fake tensors: no memory, no arithmetic): positive counts, the fused
+    norm path moves fewer bytes in fewer ops, checkpointing adds ops (its recomputation) but not model FLOPs."""
+    from benchmarks import roofline
+    assert roofline.main(['--model', 'cpcv2_resnet_tiny', '--batch', '4', '--out', str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / 'roofline.json').read_text())
+    assert (tmp_path / 'roofline.md').read_text().count('| H100 SXM |') == 4
+    rows = {(r['norm'], r['checkpointing']): r for r in doc['counts']}
+    assert set(rows) == {('fused', False), ('fused', True), ('eager', False), ('eager', True)}
+    for r in rows.values():
+        assert r['kernel_ops'] > 100 and r['flops'] > 0 and r['bytes'] > 0
+        assert sum(c['ops'] for c in r['by_class'].values()) == r['kernel_ops']
+        assert r['by_class']['conv']['flops'] > 0 and r['by_class']['augmentation']['ops'] > 0
+        for b in r['bounds'].values():
+            assert 0 < b['mfu'] < 1 and b['step_ms'] >= max(b['compute_ms'], b['memory_ms']) * (1 - 1e-9)
+    fused, eager = rows[('fused', False)], rows[('eager', False)]
+    assert fused['bytes'] < eager['bytes'] and fused['kernel_ops'] < eager['kernel_ops']
+    assert fused['by_class']['activation']['ops'] < eager['by_class']['activation']['ops']
+    assert fused['flops'] == eager['flops']
+    assert 0 < fused['saved_activation_bytes'] < eager['saved_activation_bytes']  # the fused norm saves x, not y
+    assert fused['resident_bytes'] == eager['resident_bytes'] > 0
+    assert rows[('eager', True)]['kernel_ops'] > eager['kernel_ops']
+    # MFU counts model FLOPs: the checkpointed step's recomputation is not useful work
+    assert rows[('eager', True)]['bounds']['H200']['model_flops'] == eager['flops']
+    assert roofline.main(['--batch', '0', '--out', str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_run_dry_run_writes_every_row(tmp_path):
+    """benchmarks/gpu_run.sh --dry: the device script's every work item on the CPU with the tiny model (not a
+    measurement), cuda.json and cuda.md written, every kind of row there, no errors, nothing skipped."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    out = subprocess.run(['bash', str(ROOT / 'benchmarks' / 'gpu_run.sh'), '--dry'], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    doc = json.loads((tmp_path / 'cuda.json').read_text())
+    md = (tmp_path / 'cuda.md').read_text()
+    assert doc['dry'] and doc['finished'] and not doc['errors'] and not doc['skipped']
+    kinds = [r['kind'] for r in doc['rows']]
+    assert kinds.count('matmul') == 1 and kinds.count('train') == 4 and kinds.count('speedup') == 2
+    assert {r['change'] for r in doc['rows'] if r['kind'] == 'change'} == {'fused_norm', 'cudnn_benchmark',
+                                                                           'checkpointing', 'bf16_logits'}
+    assert kinds.count('profile') == 1 and len(next(r for r in doc['rows'] if r['kind'] == 'profile')['top']) == 15
+    assert sorted(r['checkpointing'] for r in doc['rows'] if r['kind'] == 'max_batch') == [False, True]
+    assert kinds.count('inference') == 2
+    for r in doc['rows']:
+        if r['kind'] == 'train':
+            assert r['ms'] > 0 and r['img_s'] > 0 and 0 < r['mfu_measured_matmul'] and 0 < r['mfu_datasheet'] < 1
+    assert 'dry run on the CPU' in md and md.count('| cpcv2_resnet_tiny | ours |') == 2
+    assert (tmp_path / 'cuda_log.txt').is_file()

@@ -128,3 +128,28 @@ def test_sizes_must_be_positive(name):
     assert str(e.value) == f'MaskedContextNet: {name} must be a positive integer, got 0.'
     kwargs[name] = 1
     assert MaskedContextNet(**kwargs)(torch.randn(1, kwargs['channels'], 2, 2)).shape == (1, kwargs['channels'], 2, 2)
+
+
+def test_autocast_casts_all_weights_in_one_copy_each_way():
+    """Under bf16 autocast the blocks' weights and biases are cast together (fused_norm.cast_all): the same output
+    and fp32 gradients as autocast's per-convolution casts, in two multi-tensor copies instead of a cast per tensor
+    and direction."""
+    from benchmarks.roofline import OpRecorder
+    torch.manual_seed(0)
+    net = MaskedContextNet(8, hidden=16, blocks=2)
+    z = torch.randn(2, 8, 5, 5)
+    out, grads, ops = [], [], []
+    for run in (lambda: torch.nn.functional.relu(net.blocks(z)), lambda: net(z)):  # per-op casts, then ours
+        net.zero_grad()
+        rec = OpRecorder()
+        rec.phase = 'forward'
+        with rec, torch.autocast('cpu', dtype=torch.bfloat16):
+            y = run()
+            y.float().sum().backward()
+        out.append(y)
+        grads.append([p.grad.clone() for p in net.parameters()])
+        ops.append([o['op'] for o in rec.ops if o['kernel']])
+    assert torch.equal(out[0], out[1])
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+    assert ops[1].count('_foreach_copy_') == 2 and ops[0].count('_to_copy') >= 2 * 16 > ops[1].count('_to_copy')

@@ -364,7 +364,7 @@ def test_defaults_are_the_papers():
     assert all(h.out_features == 64 for heads in obj.predictors.values() for h in heads.values())
     assert obj.extra_repr() == (
         "offsets=(3,), directions=('down', 'up', 'right', 'left'), shared_context=True, "
-        'emb_scale=0.1, gather_distributed=True')
+        'emb_scale=0.1, gather_distributed=True, logits_dtype=float32')
 
 
 @pytest.mark.parametrize('shared_context', [True, False])
@@ -451,3 +451,25 @@ def test_info_nce_matches_a_naive_loop_and_its_gradient_is_exact():
     ce32, hit32 = objective.info_nce(x32, labels)
     ref = torch.nn.functional.cross_entropy(x32, labels, reduction='none')
     assert torch.allclose(ce32, ref, rtol=1e-6, atol=1e-6) and torch.equal(hit32, x32.argmax(1) == labels)
+
+
+def test_bf16_logits_match_fp32_within_bf16_rounding():
+    """logits_dtype='bfloat16': targets, predictions and the logits matmul in bf16, the cross-entropy in fp32; the loss
+    and the gradients reaching the latents stay within bf16 rounding of the fp32 objective's."""
+    torch.manual_seed(0)
+    ref = CPCObjective(32, context_hidden=16, context_blocks=2, offsets=(1, 2))
+    low = CPCObjective(32, context_hidden=16, context_blocks=2, offsets=(1, 2), logits_dtype='bfloat16')
+    low.load_state_dict(ref.state_dict())
+    z = torch.randn(4, 32, 5, 5)
+    out = []
+    for obj in (ref, low):
+        zz = z.clone().requires_grad_()
+        res = obj(zz)
+        res.loss.backward()
+        out.append((res.loss.detach(), zz.grad))
+    (l32, g32), (l16, g16) = out
+    assert l16.dtype == torch.float32 and l16.item() != l32.item()  # another computation, not the same one
+    assert abs(l16.item() - l32.item()) < 1e-2 * abs(l32.item())
+    assert ((g16 - g32).abs().max() / g32.abs().max()).item() < 5e-2
+    with pytest.raises(ValueError, match='logits_dtype'):
+        CPCObjective(32, logits_dtype='float16')

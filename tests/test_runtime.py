@@ -136,3 +136,24 @@ def test_cpu_model_names_this_machines_cpu():
              if line.startswith('model name')] if Path('/proc/cpuinfo').is_file() else []
     name = runtime.cpu_model()
     assert name and (name == names[0] if names else True)
+
+
+def test_checkpointing_auto_from_the_saved_activations():
+    """grad_checkpointing 'auto': the activations a step saves, counted on fake tensors, grow with the batch and
+    shrink with the fused norm (it saves x, not the activation's output); on the CPU auto means off."""
+    import timm
+
+    from cpc_models import fused_norm
+    from cpc_models.runtime import checkpointing_default, saved_activation_bytes
+    from cpc_models.train import build_model, preset_config
+    enc = timm.create_model('cpcv2_resnet_tiny', num_classes=0).to(memory_format=torch.channels_last)
+    x = torch.zeros(8, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    one, two = (saved_activation_bytes(enc.forward_trunk, x[:n]) for n in (4, 8))
+    assert one > 0 and 1.5 * one < two <= 2 * one  # linear in the batch, plus what does not grow with it
+    with fused_norm.forced(True):
+        fused = saved_activation_bytes(enc.forward_trunk, x[:4])
+    assert 0 < fused < one
+    assert not checkpointing_default('cpu', 10 ** 15, 10 ** 15)
+    cfg = preset_config('fmnist_tiny')
+    assert cfg.grad_checkpointing == 'auto' and preset_config('imagenet_r161').grad_checkpointing == 'auto'
+    assert not build_model(cfg, torch.device('cpu')).encoder.grad_checkpointing

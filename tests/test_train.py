@@ -564,7 +564,7 @@ def test_old_checkpoint_config_resumes(old, tmp_path, capsys):
     (ckpt / 'config.json').write_text(json.dumps(dict(old, out_dir=str(out))))
     loaded = config.from_dict(train.TrainConfig, json.loads((ckpt / 'config.json').read_text()))
     # missing keys: today's defaults; the runtime switches earlier versions wrote as booleans are 'auto' today
-    assert dataclasses.replace(loaded, channels_last='auto', compile='auto') == train.build_config(
+    assert dataclasses.replace(loaded, channels_last='auto', compile='auto', grad_checkpointing='auto') == train.build_config(
         argv + ['--max-steps', '6'])
     rc, stdout, err = _run(argv + ['--max-steps', '6'], capsys)
     assert rc == 0 and f'resumed from {ckpt} at step 4' in stdout
