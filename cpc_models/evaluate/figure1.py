@@ -517,8 +517,6 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
     t_start, c_start = time.time(), time.process_time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     before, wall_before = _resumed_runs(cfg, out)  # before any work: a results.json of other settings is refused
     done = before['runs']
     have = {(r['arm'], r['fraction'], r['seed']) for r in done}
@@ -530,6 +528,8 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
         inputs, src = _prepare(cfg, data, timings, {a for a, _, _ in jobs})
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # the data or the encoder given
         raise EvalInputError(one_line(e)) from e
+    if out is not None:  # after every check of the data and the encoder: a refused command leaves no folder
+        out.mkdir(parents=True, exist_ok=True)
     if src['kind'] == 'none' and before.get('checkpoint'):  # nothing left to run needs the encoder
         src = before['checkpoint']
     # a folder filled by several commands records each that ran something, in order (' ; ', as merge joins parts)

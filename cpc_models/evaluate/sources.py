@@ -302,10 +302,11 @@ def eval_splits(data: LabelledImages, cfg) -> Tuple[torch.Tensor, ...]:
         x, y = torch.cat([x, data.images['val']]), torch.cat([y, data.labels['val']])
         notes.append(f'val split as given ({len(val)} images)')
     else:
-        n_val = round(cfg.val_fraction * len(y))
-        if not len(torch.unique(y)) <= n_val < len(y):
-            raise ConfigError(f'--val-fraction {cfg.val_fraction}: {n_val} of {len(y)} training images cannot hold '
-                              f'one image of each class and leave a labelled pool; change it')
+        k = len(torch.unique(y))
+        n_val = max(round(cfg.val_fraction * len(y)), 2 * k)  # at least two per class: one for each half
+        if n_val > len(y) - k:
+            raise ConfigError(f'--data {data.name}: {len(y)} training images of {k} classes cannot give a val split '
+                              f'of {n_val} (two per class at least) and a labelled pool; add images or a val/ split')
         pool, val = split_train_val(y, n_val, cfg.val_seed)
         notes.append(f'val: a class-balanced {cfg.val_fraction:.0%} of train ({len(val)} images, seed '
                      f'{cfg.val_seed})')
