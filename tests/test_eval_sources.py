@@ -239,3 +239,34 @@ def test_an_earlier_results_json_without_the_new_settings_still_resumes(tmp_path
     code, again = _fig(out, *args)
     assert code == 0 and again['runs'] == res['runs']
     shutil.rmtree(out)
+
+
+# ---------------- the supervised baseline, picked on val ----------------
+
+def test_supervised_baseline_is_picked_on_val_among_its_candidates(tmp_path, subset, capsys):
+    from cpc_models.evaluate import EvalConfig
+    from cpc_models.evaluate.data import EvalData
+    from cpc_models.evaluate.figure1 import supervised_networks
+    big = EvalData(torch.zeros(4, 3, 96, 96, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), None, None, None,
+                   None, 'val')
+    small = EvalData(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), None, None, None,
+                     None, 'val')
+    cfg = EvalConfig(data='folder')
+    assert [n for n, _ in supervised_networks(cfg, big)] == ['convnet', 'resnet18']  # 'auto': sized to the data
+    assert [n for n, _ in supervised_networks(cfg, small)] == ['convnet']
+    assert [n for n, _ in supervised_networks(EvalConfig(), big)] == ['convnet']  # Fashion-MNIST: as published
+
+    root = _small_folder(tmp_path / 'three', subset, per_class=30)
+    code, res = _fig(tmp_path / 'o', '--data', str(root), '--arms', 'supervised', '--shots', '5',
+                     '--supervised-args', '{"widths": [4], "depth": 1}', '--supervised-candidates', 'convnet',
+                     '--supervised-max-epochs', '3', '--round-images', '30', '--patience', '1', '--lr-drops', '0')
+    assert code == 0
+    c = res['runs'][0]['config']
+    assert [(t['model'], t['args']) for t in c['candidates']] == [('convnet', {'widths': [4], 'depth': 1}),
+                                                                  ('convnet', {})]
+    picked = max(c['candidates'], key=lambda t: t['best_val_acc'])  # the first of equals
+    assert (c['model'], c['args'], c['best_val_acc']) == (picked['model'], picked['args'], picked['best_val_acc'])
+    capsys.readouterr()
+    code = main(['figure1', '--out', str(tmp_path / 'x'), '--arms', 'supervised', '--data', str(root),
+                 '--supervised-candidates', 'resnet19'])
+    _one_line_error(capsys, code, '--supervised-candidates resnet19', 'did you mean')

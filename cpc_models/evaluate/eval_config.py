@@ -70,6 +70,9 @@ class EvalConfig:
     # its keyword arguments, as JSON; picked on val at 100% of the labels: depth 2 93.7%, depth 1 91.9% (tuning half;
     # docs/evaluation.md)
     supervised_args: Dict[str, Any] = field(default_factory=lambda: {'widths': [32, 64, 128], 'depth': 2})
+    # more baseline networks, each trained to the val plateau; the best on the tuning half of val is scored:
+    # 'convnet', timm names, 'auto' (a timm ResNet-18 for images of >= 64 px, other data than Fashion-MNIST)
+    supervised_candidates: Tuple[str, ...] = ('auto',)
     supervised_batch: int = 128  # images per step
     supervised_lr: float = 2e-3  # AdamW peak learning rate
     supervised_wd: float = 0.05  # AdamW weight decay

@@ -284,26 +284,55 @@ def scratch(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> 
 @register_arm('supervised', 'Supervised CNN (whole image)', dict(color='tab:red', marker='^', linewidth=2), cost=3,
               reads=(*_TRAINED, 'supervised_', 'aug_pad'))
 def supervised(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
-    """The supervised baseline: a whole-image CNN (``supervised_model``) from random init, crop/flip augmentation,
-    trained until the validation accuracy stops improving."""
+    """The supervised baseline: a whole-image CNN (``supervised_model``, and each of ``supervised_candidates``) from
+    random init, crop/flip augmentation, trained until the validation accuracy stops improving; the candidate with
+    the best accuracy on the tuning half of val is scored."""
     cfg, data = inputs.cfg, inputs.data
-    torch.manual_seed(seed)
-    net = create_supervised(cfg.supervised_model, data.num_classes, data.pool_x.shape[1], cfg.supervised_args)
     mean, std = data.pool_x.float().mean() / 255, data.pool_x.float().std() / 255
 
     def prep(x):
         return ((x.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
-    info = train_images(net, [dict(params=list(net.parameters()), lr=cfg.supervised_lr)], data.pool_x[labelled],
-                        data.pool_y[labelled], data.val_x, data.val_y, prep, cfg, seed, cfg.supervised_batch,
-                        cfg.supervised_wd, cfg.supervised_max_epochs, cfg.supervised_max_steps, desc,
-                        '--supervised-lr')
+    best, tried = None, []
+    for name, args in supervised_networks(cfg, data):
+        torch.manual_seed(seed)
+        net = create_supervised(name, data.num_classes, data.pool_x.shape[1], args)
+        info = train_images(net, [dict(params=list(net.parameters()), lr=cfg.supervised_lr)], data.pool_x[labelled],
+                            data.pool_y[labelled], data.val_x, data.val_y, prep, cfg, seed, cfg.supervised_batch,
+                            cfg.supervised_wd, cfg.supervised_max_epochs, cfg.supervised_max_steps,
+                            f'{desc} {name}', '--supervised-lr')
+        tried.append(dict(model=name, args=args, best_val_acc=info['best_val_acc'], epochs=info['epochs']))
+        if best is None or info['best_val_acc'] > best[2]['best_val_acc']:
+            best = (name, args, info, net)
+    name, args, info, net = best
     out = scores(data, lambda x: predict_images(net, x, 500, False, prep), data.eval_x, data.select_x)
+    extra = dict(candidates=tried) if len(tried) > 1 else {}
     return dict(out, model=net, config=dict(
-        info, model=cfg.supervised_model, args=dict(cfg.supervised_args),
-        params=sum(p.numel() for p in net.parameters()), batch=cfg.supervised_batch, lr=cfg.supervised_lr,
-        wd=cfg.supervised_wd, max_epochs=cfg.supervised_max_epochs, max_steps=cfg.supervised_max_steps,
-        aug=f'random crop pad {cfg.aug_pad} + hflip'))
+        info, model=name, args=dict(args), params=sum(p.numel() for p in net.parameters()),
+        batch=cfg.supervised_batch, lr=cfg.supervised_lr, wd=cfg.supervised_wd, max_epochs=cfg.supervised_max_epochs,
+        max_steps=cfg.supervised_max_steps, aug=f'random crop pad {cfg.aug_pad} + hflip', **extra))
+
+
+AUTO_TIMM_BASELINE = ('resnet18', 64)  # 'auto': this timm CNN joins the candidates for images of >= this side
+
+
+def supervised_networks(cfg: EvalConfig, data: Optional[EvalData] = None) -> List[Tuple[str, Dict]]:
+    """The baseline networks the supervised arm trains and picks from on val: ``supervised_model`` with
+    ``supervised_args``, then each of ``supervised_candidates`` ('convnet', a timm name, or 'auto': a timm ResNet-18
+    for images of 64 px or more that are not Fashion-MNIST), with their default arguments."""
+    out = [(cfg.supervised_model, dict(cfg.supervised_args))]
+    for name in cfg.supervised_candidates:
+        if name == 'auto':
+            side = 0 if data is None else min(data.pool_x.shape[-2:])
+            if cfg.data != FASHION_MNIST and side >= AUTO_TIMM_BASELINE[1]:
+                out.append((AUTO_TIMM_BASELINE[0], {}))
+        else:
+            out.append((name, {}))
+    unique = []
+    for n, a in out:
+        if (n, a) not in unique:
+            unique.append((n, a))
+    return unique
 
 
 # ============ runs ============
@@ -325,6 +354,11 @@ def check_config(cfg: EvalConfig) -> None:
         check_checkpoint(cfg.checkpoint)
     elif any(n.startswith('cpc_') for a in cfg.arms for n in ARMS[a].needs):
         raise ValueError('Give --checkpoint: a timm name.tag, a .safetensors file, a checkpoint folder, or "random".')
+    import timm
+    bad = [n for n in cfg.supervised_candidates if n not in ('auto', 'convnet') and not timm.is_model(n)]
+    if bad:
+        raise C.ConfigError(f'--supervised-candidates {bad[0]}: not a timm model; give convnet, auto or timm names '
+                            f'(e.g. resnet18){C.did_you_mean(bad[0], timm.list_models())}')
     if cfg.data == FASHION_MNIST:
         try:
             fashion_mnist_dir(cfg.data_dir or None)
