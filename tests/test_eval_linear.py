@@ -159,3 +159,22 @@ def test_bad_linear_inputs_get_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and '1 of 5 chunks missing (e.g. chunk_000002.npy)' in err and 'Traceback' not in err
     with pytest.raises(ValueError, match='holds features of other images'):
         create_store(tmp_path / 'f' / 'train', ['other.png'] * 50, y, ['a', 'b'], 'synthetic', 4, {}, 10)
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_torchrun_launch_extracts_its_share_of_the_chunks(tmp_path):
+    data = _fmnist_folder(tmp_path / 'fm', 200, 40)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', '-m',
+           'cpc_models.evaluate', 'linear', '--checkpoint', 'random', '--data', str(data), '--features',
+           str(tmp_path / 'feats'), '--out', str(tmp_path / 'out'), '--chunk-rows', '20', '--workers', '0',
+           '--epochs', '1', '--threads', '1', '--no-progress']
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # 10 training chunks and 2 eval chunks: each of the 2 ranks extracts the chunks k % 2 == rank
+    for r in (0, 1):
+        assert f'rank {r}/2: train: 5 chunk(s) extracted, 0 already on disk, 0 unreadable image(s) skipped; ' \
+               f'eval: 1 chunk(s) extracted' in res.stderr, res.stderr[-3000:]
+    assert res.stdout.count('linear evaluation of') == 1  # the classifier trains on rank 0 only
+    assert FeatureStore(tmp_path / 'feats' / 'train').n == 200
+    assert json.loads((tmp_path / 'out' / 'results.json').read_text())['n_eval'] == 40
