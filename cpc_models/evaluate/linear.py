@@ -1,5 +1,6 @@
 """``cpc-eval linear``: the paper's linear evaluation at any scale. A softmax classifier on the frozen, mean-pooled
-features (Hénaff et al. 2020, Sec. 4.1: "a linear classifier on the spatially mean-pooled features"), trained from
+features (Hénaff et al. 2020: the ImageNet linear classification results, a linear classifier on the mean-pooled
+patch features; the supplementary's optimizer settings were not at hand here, see docs/evaluation.md), trained from
 features extracted once to disk (:mod:`~cpc_models.evaluate.feature_store`), top-1 and top-5 on the eval split.
 
 RAM stays bounded whatever the number of images: the training pass holds one chunk of features (``chunk_rows`` x
