@@ -121,7 +121,7 @@ def run_probe(cfg: ProbeConfig) -> Dict:
             source = load_source(cfg, model_data_config(cfg), progress=cfg.progress)
             x, y, pool, tune, select, _, _ = eval_splits(source, cfg)  # the test split is never read
             classes = source.classes
-        check_label_amounts(y[pool], classes, cfg.data, (cfg.fraction,))
+        check_label_amounts(y[pool], classes, cfg.data, (cfg.fraction,), fraction_flag='--fraction')
     except (ValueError, FileNotFoundError) as e:  # the data given
         raise EvalInputError(one_line(e)) from e
     subsets = {s: pool[balanced_subset(y[pool], cfg.fraction, s)] for s in cfg.seeds}

@@ -329,7 +329,8 @@ def load_source(cfg, data_config: Dict, need_per_class: Callable[[int], int] = l
 
 # ============ the EvalData of a source ============
 
-def check_label_amounts(pool_y: torch.Tensor, classes: List[str], where: str, fractions=(), shots=()) -> None:
+def check_label_amounts(pool_y: torch.Tensor, classes: List[str], where: str, fractions=(), shots=(),
+                        fraction_flag: str = '--fractions') -> None:
     """Refuse (ConfigError) a class whose labelled pool holds fewer images than the largest shot count asks for, or
     so few that the smallest fraction rounds to no image of it."""
     counts = torch.bincount(pool_y, minlength=len(classes)).tolist()
@@ -338,7 +339,7 @@ def check_label_amounts(pool_y: torch.Tensor, classes: List[str], where: str, fr
             raise ConfigError(f'--shots {max(shots)}: class "{name}" of {where} has {n} labelled image(s) (after '
                               f'the val and test splits); give at most --shots {n} or add images')
         if fractions and round(min(fractions) * n) < 1:
-            raise ConfigError(f'--fractions {min(fractions):g}: class "{name}" of {where} has {n} labelled '
+            raise ConfigError(f'{fraction_flag} {min(fractions):g}: class "{name}" of {where} has {n} labelled '
                               f'image(s) (after the val and test splits), {min(fractions):g} of them is no image; '
                               f'give fractions >= {0.5 / max(n, 1):.2g} or use --shots')
 
