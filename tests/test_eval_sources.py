@@ -152,8 +152,9 @@ def test_a_folder_without_splits_is_split_stratified_and_says_so(tmp_path, subse
     assert res['n_eval'] == 12 and res['n_pool'] == 42 and res['n_val'] == 3
     assert sorted({(r['fraction'], r['n_labels']) for r in res['runs']}) == [(1.0, 3), (2.0, 6), (4.0, 12)]
     assert len(res['runs']) == 2 * 3 * 2  # every shot count runs every seed (no 100% shortcut)
+    assert not any(r.get('deterministic') for r in res['runs'])  # 1 shot per class is not 100% of the labels
     table = (tmp_path / 'out' / 'table.md').read_text()
-    assert '| arm | 1/class | 2/class | 4/class |' in table
+    assert '| arm | 1/class | 2/class | 4/class |' in table and 'deterministic' not in table
     assert 'against labelled images per class' in table
     targets = {t['target'] for t in res['targets']}
     assert 'cpc_knn > pixels_knn at every amount' in targets  # the generic targets, not Fashion-MNIST's

@@ -604,7 +604,7 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
         _say(f'[{k}/{len(jobs)}] {arm} {amount} seed {seed} ...')
         rec = run_arm(arm, fraction, seed, inputs)
         rec.pop('model', None)
-        if not ARMS[arm].seeded and fraction == 1.0:
+        if not cfg.shots and not ARMS[arm].seeded and fraction == 1.0:
             rec['deterministic'] = True  # the labelled set is the whole pool: every seed gives this run
         payload['runs'].append(rec)
         save()
