@@ -8,4 +8,4 @@ FOLDER=${FOLDER:-/tmp/fmnist-folder}
 [ -d "$FOLDER/train" ] || $PY -m benchmarks.fmnist_folder "$FOLDER"
 $PY -m cpc_models.evaluate figure1 --checkpoint cpcv2_resnet_tiny.fmnist --data "$FOLDER" --shots 1,5,10,50 \
     --arms pixels_linear,pixels_knn,random_linear,cpc_linear,cpc_grid_linear,cpc_knn,cpc_frozen,supervised \
-    --round-images 1000 --split test --threads 2 --no-progress --out results/own_data "$@"
+    --round-images 1000 --split test --threads 2 --no-progress --out "${OUT:-results/own_data}" "$@"
