@@ -25,12 +25,20 @@ Usage::
 
     cpc-eval figure1 --checkpoint cpcv2_resnet_tiny.fmnist --out results/fmnist --split test
     cpc-eval probe --checkpoint runs/fmnist/checkpoints/step_001000   # val-split probe at 1%: compare checkpoints
+    cpc-eval figure1 --checkpoint runs/mine --data photos/ --shots 1,5,10,50 --out results/mine   # your own folder
+    cpc-eval linear --checkpoint runs/in1k --data /data/imagenet --features /scratch/feats   # top-1/top-5, any scale
     cpc-eval plot results/fmnist --readme README.md                   # table, figure, README section again
     cpc-eval figure1 --help                                           # every option, with its default
 
-Modules: ``eval_config`` (EvalConfig), ``data`` (label subsets, splits, features), ``encoders`` (which encoder),
-``baselines`` (the supervised CNNs), ``protocols`` (linear probe, k-NN, the convergence rule, training),
-``figure1`` (arms, runs, resuming, merging), ``probe``, ``report`` (tables, targets, plot), ``cli``.
+Any labelled source (``--data``): ``fashion-mnist``, a folder of class subfolders (or train/ val/ test/ of them), a
+Hugging Face dataset (``hf:NAME`` or a ``save_to_disk`` folder); ``--shots 1,5,10,50`` instead of fractions.
+``cpc-eval linear``: the paper's linear evaluation at any scale, from features extracted once to disk in chunks.
+
+Modules: ``eval_config`` (EvalConfig), ``data`` (label subsets, splits, features), ``sources`` (folders and datasets:
+listing, checks, decoding, splits), ``encoders`` (which encoder), ``baselines`` (the supervised CNNs), ``protocols``
+(linear probe, k-NN, the convergence rule, training), ``figure1`` (arms, runs, resuming, merging), ``probe``,
+``report`` (tables, targets, plot), ``feature_store`` (chunked features on disk), ``linear`` (``cpc-eval linear``),
+``cli``.
 """
 from ..extract import extract_features
 from .baselines import ConvNet, create_supervised

@@ -21,6 +21,7 @@ WRITTEN = ('results.json', 'table.md', 'figure1.png')  # what figure1, plot and 
 
 USAGE = '''cpc-eval figure1 --checkpoint CKPT --out DIR [--KEY VALUE ...]   run the arms over fractions and seeds
 cpc-eval probe --checkpoint CKPT [--KEY VALUE ...]                val-split linear probe at 1% labels (pooled, grid)
+cpc-eval linear --checkpoint CKPT --data FOLDER --features DIR   linear top-1/top-5 from features on disk (any scale)
 cpc-eval plot DIR [--readme MD] [--card MD]                       table.md and figure1.png again from results.json
 cpc-eval merge DIR PART[:ARM,ARM] ...                             merge figure1 outputs run as parallel parts
                                                                   (PART:ARMS takes only those arms' runs)'''
@@ -127,6 +128,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                          f'from {", ".join(COMMANDS)}')
     if argv[0] == 'probe':
         return _probe(argv[1:])
+    if argv[0] == 'linear':
+        from .linear import main as linear_main
+        return linear_main(argv[1:])
     if argv[0] != 'figure1':
         return _plot_or_merge(argv)
     prog = 'cpc-eval figure1'

@@ -1,7 +1,7 @@
 """The data of one evaluation: class-balanced label subsets, the Fashion-MNIST splits, features extracted once."""
 import time
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,7 @@ from ..data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from ..extract import extract_features
 from .eval_config import EvalConfig
 
-__all__ = ['balanced_subset', 'balanced_count', 'split_train_val', 'split_halves', 'EvalData', 'load_eval_splits',
+__all__ = ['balanced_subset', 'shots_subset', 'balanced_count', 'split_train_val', 'split_halves', 'EvalData', 'load_eval_splits',
            'load_eval_data', 'Features', 'features_for']
 
 
@@ -36,6 +36,14 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.T
     classes, n_c = torch.unique(labels, return_counts=True)
     counts = {int(c): max(1, int(round(fraction * int(n)))) for c, n in zip(classes, n_c, strict=True)}
     return _per_class_sample(labels, counts, seed)
+
+
+def shots_subset(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
+    """Indices of ``shots`` seeded images of every class (all of a class that has fewer)."""
+    labels = torch.as_tensor(labels)
+    classes, n_c = torch.unique(labels, return_counts=True)
+    return _per_class_sample(labels, {int(c): min(int(shots), int(n)) for c, n in zip(classes, n_c, strict=True)},
+                             seed)
 
 
 def balanced_count(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -87,6 +95,10 @@ class EvalData:
     select_x: Optional[torch.Tensor] = None  # None: the eval split is the selection half
     select_y: Optional[torch.Tensor] = None
     select_index: Optional[torch.Tensor] = None
+    classes: List[str] = field(default_factory=lambda: list(FASHION_MNIST_CLASSES))
+    name: str = 'Fashion-MNIST'  # the source, for titles
+    note: str = ''  # how the splits were made
+    skipped: List[Dict] = field(default_factory=list)  # unreadable files: dict(path, error)
 
     def __post_init__(self):
         if self.select_x is None:

@@ -22,16 +22,21 @@ class EvalConfig:
     # ---- runs ----
     arms: Tuple[str, ...] = DEFAULT_ARMS  # comma list of the figure's lines (see cpc_models.evaluate.ARMS)
     fractions: Tuple[float, ...] = DEFAULT_FRACTIONS  # labelled fractions of the pool, in (0, 1] (1% or 0.01)
+    shots: Tuple[int, ...] = ()  # labelled images per class instead of fractions (e.g. 1,5,10,50); arm_fractions unused
     # per arm, fractions replacing --fractions (JSON); fine-tuning to convergence costs ~10 CPU-ms per image seen, so
     # by default it runs where the label-efficiency targets look (docs/evaluation.md); '{}' runs it everywhere
     arm_fractions: Dict[str, Any] = field(default_factory=lambda: {'cpc_finetune': [0.01, 0.02, 0.05]})
     seeds: Tuple[int, ...] = (0, 1, 2)  # seeds of the labelled subsets (and of inits and batch orders)
     out: str = ''  # output folder: results.json, table.md, figure1.png
     # ---- data ----
+    data: str = 'fashion-mnist'  # fashion-mnist | a folder of class subfolders (or train/ val/ test/ of them) | hf:NAME
     split: Literal['val', 'test'] = 'val'  # val: report on the selection half of val (default); test: once, at the end
     resume: bool = True  # keep the runs of an earlier results.json in --out made with the same settings
     data_dir: str = ''  # Fashion-MNIST IDX folder ('' = $CPC_FASHION_MNIST_DIR or the Debian package's)
-    val_size: int = 5000  # validation images carved from the training set (class-balanced): half tunes, half selects
+    val_size: int = 5000  # fashion-mnist: validation images carved from train (class-balanced): half tunes, half selects
+    val_fraction: float = 0.1  # other --data without a val split: the fraction of train carved as val (class-balanced)
+    test_fraction: float = 0.2  # other --data without a test split: the fraction of every class held out as test
+    convert_colour: bool = False  # read colour images as greyscale for a 1-channel model (else they are refused)
     val_seed: int = 0  # seed of the validation split
     train_subset: int = 0  # >0: limit the labelled pool to this many images (class-balanced; fast runs)
     eval_limit: int = 0  # >0: evaluate on a class-balanced subset of this many images of the eval split
@@ -65,6 +70,9 @@ class EvalConfig:
     # its keyword arguments, as JSON; picked on val at 100% of the labels: depth 2 93.7%, depth 1 91.9% (tuning half;
     # docs/evaluation.md)
     supervised_args: Dict[str, Any] = field(default_factory=lambda: {'widths': [32, 64, 128], 'depth': 2})
+    # more baseline networks, each trained to the val plateau; the best on the tuning half of val is scored:
+    # 'convnet', timm names, 'auto' (a timm ResNet-18 for images of >= 64 px, other data than Fashion-MNIST)
+    supervised_candidates: Tuple[str, ...] = ('auto',)
     supervised_batch: int = 128  # images per step
     supervised_lr: float = 2e-3  # AdamW peak learning rate
     supervised_wd: float = 0.05  # AdamW weight decay
@@ -108,3 +116,6 @@ class EvalConfig:
                     'e2e_max_epochs', 'supervised_max_epochs'):
             check_range(self, key, 0, low_open=True)
         check_range(self, 'classifier_drop', 0, 1, high_open=True)
+        check_range(self, 'val_fraction', 0, 1, low_open=True, high_open=True)
+        check_range(self, 'test_fraction', 0, 1, low_open=True, high_open=True)
+        check_range(self, 'shots', 1)

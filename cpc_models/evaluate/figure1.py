@@ -36,7 +36,7 @@ from .. import config as C
 from ..checks import check_model_name, one_line
 from ..data import fashion_mnist_dir
 from .baselines import create_supervised
-from .data import EvalData, Features, balanced_subset, features_for, load_eval_data
+from .data import EvalData, Features, balanced_subset, features_for, load_eval_data, shots_subset
 from .encoders import check_checkpoint, create_encoder, load_encoder
 from .eval_config import EvalConfig
 from .protocols import (
@@ -51,7 +51,16 @@ from .protocols import (
     train_images,
     train_on_grid,
 )
-from .report import check_targets, format_section, pick_best_cpc, summarize, write_report, write_results
+from .sources import FASHION_MNIST, check_label_amounts, load_eval_source, source_kind
+from .report import (
+    check_targets,
+    format_section,
+    pick_best_cpc,
+    summarize,
+    target_options,
+    write_report,
+    write_results,
+)
 
 __all__ = ['Arm', 'ARMS', 'register_arm', 'ArmInputs', 'EvalInputError', 'check_config', 'plan_runs', 'run_arm',
            'run_figure1', 'report', 'section', 'merge_results', 'pixel_features', 'grid_features', 'scores']
@@ -135,8 +144,18 @@ def grid_features(feats: Features) -> Features:
 
 def scores(data: EvalData, predict: Callable, eval_in, select_in) -> Dict:
     """accuracy on the eval split and select_accuracy on the selection half (the same with split 'val')."""
-    acc = accuracy(predict(eval_in), data.eval_y)
-    return dict(accuracy=acc, select_accuracy=acc if data.eval_is_val else accuracy(predict(select_in), data.select_y))
+    logits = predict(eval_in)
+    acc = accuracy(logits, data.eval_y)
+    return dict(accuracy=acc, select_accuracy=acc if data.eval_is_val else accuracy(predict(select_in), data.select_y),
+                per_class=per_class_accuracy(logits, data.eval_y, data.num_classes))
+
+
+def per_class_accuracy(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> List[Optional[float]]:
+    """Accuracy on the images of each class (None for a class without images)."""
+    hit = (logits.argmax(1) == y).float()
+    n = torch.bincount(y, minlength=num_classes)
+    right = torch.zeros(num_classes).index_add_(0, y, hit)
+    return [None if int(k) == 0 else round(float(r) / int(k), 5) for r, k in zip(right, n, strict=True)]
 
 
 # ============ the arms ============
@@ -265,26 +284,55 @@ def scratch(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> 
 @register_arm('supervised', 'Supervised CNN (whole image)', dict(color='tab:red', marker='^', linewidth=2), cost=3,
               reads=(*_TRAINED, 'supervised_', 'aug_pad'))
 def supervised(inputs: ArmInputs, labelled: torch.Tensor, seed: int, desc: str) -> Dict:
-    """The supervised baseline: a whole-image CNN (``supervised_model``) from random init, crop/flip augmentation,
-    trained until the validation accuracy stops improving."""
+    """The supervised baseline: a whole-image CNN (``supervised_model``, and each of ``supervised_candidates``) from
+    random init, crop/flip augmentation, trained until the validation accuracy stops improving; the candidate with
+    the best accuracy on the tuning half of val is scored."""
     cfg, data = inputs.cfg, inputs.data
-    torch.manual_seed(seed)
-    net = create_supervised(cfg.supervised_model, data.num_classes, data.pool_x.shape[1], cfg.supervised_args)
     mean, std = data.pool_x.float().mean() / 255, data.pool_x.float().std() / 255
 
     def prep(x):
         return ((x.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
-    info = train_images(net, [dict(params=list(net.parameters()), lr=cfg.supervised_lr)], data.pool_x[labelled],
-                        data.pool_y[labelled], data.val_x, data.val_y, prep, cfg, seed, cfg.supervised_batch,
-                        cfg.supervised_wd, cfg.supervised_max_epochs, cfg.supervised_max_steps, desc,
-                        '--supervised-lr')
+    best, tried = None, []
+    for name, args in supervised_networks(cfg, data):
+        torch.manual_seed(seed)
+        net = create_supervised(name, data.num_classes, data.pool_x.shape[1], args)
+        info = train_images(net, [dict(params=list(net.parameters()), lr=cfg.supervised_lr)], data.pool_x[labelled],
+                            data.pool_y[labelled], data.val_x, data.val_y, prep, cfg, seed, cfg.supervised_batch,
+                            cfg.supervised_wd, cfg.supervised_max_epochs, cfg.supervised_max_steps,
+                            f'{desc} {name}', '--supervised-lr')
+        tried.append(dict(model=name, args=args, best_val_acc=info['best_val_acc'], epochs=info['epochs']))
+        if best is None or info['best_val_acc'] > best[2]['best_val_acc']:
+            best = (name, args, info, net)
+    name, args, info, net = best
     out = scores(data, lambda x: predict_images(net, x, 500, False, prep), data.eval_x, data.select_x)
+    extra = dict(candidates=tried) if len(tried) > 1 else {}
     return dict(out, model=net, config=dict(
-        info, model=cfg.supervised_model, args=dict(cfg.supervised_args),
-        params=sum(p.numel() for p in net.parameters()), batch=cfg.supervised_batch, lr=cfg.supervised_lr,
-        wd=cfg.supervised_wd, max_epochs=cfg.supervised_max_epochs, max_steps=cfg.supervised_max_steps,
-        aug=f'random crop pad {cfg.aug_pad} + hflip'))
+        info, model=name, args=dict(args), params=sum(p.numel() for p in net.parameters()),
+        batch=cfg.supervised_batch, lr=cfg.supervised_lr, wd=cfg.supervised_wd, max_epochs=cfg.supervised_max_epochs,
+        max_steps=cfg.supervised_max_steps, aug=f'random crop pad {cfg.aug_pad} + hflip', **extra))
+
+
+AUTO_TIMM_BASELINE = ('resnet18', 64)  # 'auto': this timm CNN joins the candidates for images of >= this side
+
+
+def supervised_networks(cfg: EvalConfig, data: Optional[EvalData] = None) -> List[Tuple[str, Dict]]:
+    """The baseline networks the supervised arm trains and picks from on val: ``supervised_model`` with
+    ``supervised_args``, then each of ``supervised_candidates`` ('convnet', a timm name, or 'auto': a timm ResNet-18
+    for images of 64 px or more that are not Fashion-MNIST), with their default arguments."""
+    out = [(cfg.supervised_model, dict(cfg.supervised_args))]
+    for name in cfg.supervised_candidates:
+        if name == 'auto':
+            side = 0 if data is None else min(data.pool_x.shape[-2:])
+            if cfg.data != FASHION_MNIST and side >= AUTO_TIMM_BASELINE[1]:
+                out.append((AUTO_TIMM_BASELINE[0], {}))
+        else:
+            out.append((name, {}))
+    unique = []
+    for n, a in out:
+        if (n, a) not in unique:
+            unique.append((n, a))
+    return unique
 
 
 # ============ runs ============
@@ -306,10 +354,18 @@ def check_config(cfg: EvalConfig) -> None:
         check_checkpoint(cfg.checkpoint)
     elif any(n.startswith('cpc_') for a in cfg.arms for n in ARMS[a].needs):
         raise ValueError('Give --checkpoint: a timm name.tag, a .safetensors file, a checkpoint folder, or "random".')
-    try:
-        fashion_mnist_dir(cfg.data_dir or None)
-    except FileNotFoundError as e:
-        raise C.ConfigError(f'--data-dir: {e}') from None
+    import timm
+    bad = [n for n in cfg.supervised_candidates if n not in ('auto', 'convnet') and not timm.is_model(n)]
+    if bad:
+        raise C.ConfigError(f'--supervised-candidates {bad[0]}: not a timm model; give convnet, auto or timm names '
+                            f'(e.g. resnet18){C.did_you_mean(bad[0], timm.list_models())}')
+    if cfg.data == FASHION_MNIST:
+        try:
+            fashion_mnist_dir(cfg.data_dir or None)
+        except FileNotFoundError as e:
+            raise C.ConfigError(f'--data-dir: {e}') from None
+    else:
+        source_kind(cfg.data)
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise C.ConfigError(f'--out {cfg.out}: is a file; give a folder for results.json, table.md and figure1.png')
 
@@ -329,13 +385,16 @@ def run_arm(arm: str, fraction: float, seed: int, inputs: ArmInputs) -> Dict:
         raise ValueError(f'{arm} needs {", ".join(missing)} in its ArmInputs.')
     t0, c0 = time.time(), time.process_time()
     data = inputs.data
-    labelled = balanced_subset(data.pool_y, fraction, seed)
+    labelled = (shots_subset(data.pool_y, int(fraction), seed) if inputs.cfg.shots
+                else balanced_subset(data.pool_y, fraction, seed))
     rec = dict(arm=arm, fraction=fraction, seed=seed, n_labels=len(labelled), split=data.split,
                n_eval=len(data.eval_y))
     result = spec.run(inputs, labelled, seed, f'{arm} {fraction:g}/{seed}')
     rec['config'] = result['config']
     if 'model' in result:
         rec['model'] = result['model']
+    if result.get('per_class') is not None:
+        rec['per_class'] = result['per_class']
     rec.update(accuracy=result['accuracy'], select_accuracy=result.get('select_accuracy'),
                wall_s=round(time.time() - t0, 2), cpu_s=round(time.process_time() - c0, 2))
     return rec
@@ -355,8 +414,9 @@ def _prepare(cfg: EvalConfig, data: EvalData, timings: Dict, arms: Sequence[str]
     probe = create_encoder(inputs.model, inputs.model_args)
     in_size = tuple(probe.pretrained_cfg.get('input_size', (1, 28, 28)))
     if in_size != tuple(data.pool_x.shape[1:]):
-        raise ValueError(f'{inputs.model} expects inputs {in_size}, Fashion-MNIST images are '
-                         f'{tuple(data.pool_x.shape[1:])}; evaluate a 1-channel 28 px model (cpcv2_resnet_tiny).')
+        raise ValueError(f'{inputs.model} expects inputs {in_size}, the {data.name} images are '
+                         f'{tuple(data.pool_x.shape[1:])}; evaluate a model of their channels and size (for '
+                         f'Fashion-MNIST a 1-channel 28 px model, cpcv2_resnet_tiny)')
     del probe
     if 'pixels' in needs:
         inputs.pixels = pixel_features(data)
@@ -401,6 +461,9 @@ def plan_runs(cfg: EvalConfig) -> List[Tuple[str, float, int]]:
     """The (arm, fraction, seed) runs of a config, cheapest arm first; an arm in ``cfg.arm_fractions`` runs its own
     fractions. At fraction 1 an arm that uses its seed only to draw the labelled subset (``seeded=False``) runs once:
     every seed would give the same run."""
+    if cfg.shots:  # labelled images per class: every arm at every count
+        return [(a, float(k), s) for a in sorted(cfg.arms, key=lambda a: ARMS[a].cost) for k in cfg.shots
+                for s in cfg.seeds]
     return [(a, float(f), s) for a in sorted(cfg.arms, key=lambda a: ARMS[a].cost)
             for f in cfg.arm_fractions.get(a, cfg.fractions)
             for s in (cfg.seeds[:1] if f == 1.0 and not ARMS[a].seeded else cfg.seeds)]
@@ -430,6 +493,8 @@ def _relevant(config: Dict, arms) -> set:
 
 def _settings_differ(a: Dict, b: Dict, arms) -> List[str]:
     """The settings that results of ``arms`` depend on and in which configs ``a`` and ``b`` differ."""
+    defaults = C.to_dict(EvalConfig())  # a setting added since a results.json was written has its default there
+    a, b = {**defaults, **a}, {**defaults, **b}
     keys = _relevant(a, arms) | _relevant(b, arms)
     return sorted(k for k in keys if a.get(k) != b.get(k))
 
@@ -456,31 +521,56 @@ def _union(*lists) -> List:
     return list(dict.fromkeys(x for xs in lists for x in xs))
 
 
+def load_data(cfg: EvalConfig) -> EvalData:
+    """The EvalData of ``cfg.data``: Fashion-MNIST's IDX files, or a folder / dataset decoded to the input size
+    of the evaluated model (its data config: ``timm.data.resolve_model_data_config``)."""
+    if cfg.data == FASHION_MNIST:
+        data = load_eval_data(cfg)
+        check_label_amounts(data.pool_y, data.classes, cfg.data, () if cfg.shots else cfg.fractions, cfg.shots)
+        return data
+    return load_eval_source(cfg, model_data_config(cfg), cfg.progress)
+
+
+def model_data_config(cfg) -> Dict:
+    """The data config (input size, interpolation, crop, mean, std) of the encoder ``cfg`` evaluates, from a model
+    without its weights: the tag of a 'name.tag', the architecture recorded in a checkpoint folder, or --model."""
+    import timm
+    name, args = cfg.model, dict(cfg.model_args)
+    path = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else None
+    if path is not None and path.is_dir():
+        _, src = load_encoder(cfg.checkpoint, cfg.model, cfg.model_args)
+        name, args = src['model'], src['model_args']
+    elif cfg.checkpoint and '.' in cfg.checkpoint and '/' not in cfg.checkpoint and not path.exists():
+        name = cfg.checkpoint  # name.tag: the tag's pretrained cfg
+    return timm.data.resolve_model_data_config(create_encoder(name, args))
+
+
 def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') -> Dict:
     """Run every (arm, fraction, seed), write results.json after each run, then table.md and figure1.png."""
     check_config(cfg)
     t_start, c_start = time.time(), time.process_time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     before, wall_before = _resumed_runs(cfg, out)  # before any work: a results.json of other settings is refused
     done = before['runs']
     have = {(r['arm'], r['fraction'], r['seed']) for r in done}
     jobs = [j for j in plan_runs(cfg) if j not in have]
     timings: Dict = {}
-    _say('loading Fashion-MNIST and the encoder; extracting the features the arms need once')
+    _say(f'loading {cfg.data} and the encoder; extracting the features the arms need once')
     try:
-        data = load_eval_data(cfg)
+        data = load_data(cfg)
         inputs, src = _prepare(cfg, data, timings, {a for a, _, _ in jobs})
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # the data or the encoder given
         raise EvalInputError(one_line(e)) from e
+    if out is not None:  # after every check of the data and the encoder: a refused command leaves no folder
+        out.mkdir(parents=True, exist_ok=True)
     if src['kind'] == 'none' and before.get('checkpoint'):  # nothing left to run needs the encoder
         src = before['checkpoint']
     # a folder filled by several commands records each that ran something, in order (' ; ', as merge joins parts)
     earlier = [c for c in before.get('command', '').split(' ; ') if c]
     command = ' ; '.join(_union(earlier, [command] if jobs or not earlier else []))
-    payload = dict(config=C.to_dict(cfg), checkpoint=src, command=command, n_pool=len(data.pool_y),
+    payload = dict(config=C.to_dict(cfg), checkpoint=src, command=command, data_name=data.name,
+                   classes=list(data.classes), splits_note=data.note, skipped=data.skipped, n_pool=len(data.pool_y),
                    n_val=len(data.val_y), n_eval=len(data.eval_y), threads=torch.get_num_threads(),
                    host=f'{platform.processor() or platform.machine()}, torch {torch.__version__}', timings=timings,
                    runs=[])
@@ -491,6 +581,11 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
                              fractions=sorted(_union(old_cfg.get('fractions', ()), cfg.fractions,
                                                      *(cfg.arm_fractions.get(a, ()) for a in cfg.arms))),
                              seeds=sorted(_union(old_cfg.get('seeds', ()), cfg.seeds)))
+    if data.note:
+        _say(f'{data.name}: {data.note}')
+    if data.skipped:
+        _say(f'skipped {len(data.skipped)} unreadable image(s): ' + '; '.join(
+            f"{r['path']} ({r['error']})" for r in data.skipped[:20]) + (' ...' if len(data.skipped) > 20 else ''))
     if done:
         _say(f'resuming {out / "results.json"}: {len(done)} finished runs kept')
 
@@ -505,14 +600,15 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
     bar = tqdm(jobs, desc='runs', disable=not cfg.progress)
     for k, (arm, fraction, seed) in enumerate(bar, 1):
         bar.set_postfix_str(f'{arm} {fraction:g} seed {seed}')
-        _say(f'[{k}/{len(jobs)}] {arm} {fraction:.2%} seed {seed} ...')
+        amount = f'{int(fraction)}/class' if cfg.shots else f'{fraction:.2%}'
+        _say(f'[{k}/{len(jobs)}] {arm} {amount} seed {seed} ...')
         rec = run_arm(arm, fraction, seed, inputs)
         rec.pop('model', None)
-        if not ARMS[arm].seeded and fraction == 1.0:
+        if not cfg.shots and not ARMS[arm].seeded and fraction == 1.0:
             rec['deterministic'] = True  # the labelled set is the whole pool: every seed gives this run
         payload['runs'].append(rec)
         save()
-        _say(f"[{k}/{len(jobs)}] {arm} {fraction:.2%} seed {seed}: {data.split} acc {100 * rec['accuracy']:.2f}% "
+        _say(f"[{k}/{len(jobs)}] {arm} {amount} seed {seed}: {data.split} acc {100 * rec['accuracy']:.2f}% "
              f"({rec['n_labels']} labels, {rec['wall_s']:.1f} s)" + (' saved' if out is not None else ''))
     per_arm, per_arm_cpu = {}, {}
     for r in payload['runs']:
@@ -526,7 +622,8 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
         save()  # with the targets
         print(text)
     else:
-        payload['targets'] = check_targets(summarize(payload['runs']), pick_best_cpc(payload['runs'], _cpc_arms()))
+        payload['targets'] = check_targets(summarize(payload['runs']), pick_best_cpc(payload['runs'], _cpc_arms()),
+                                           **target_options(payload))
     return payload
 
 

@@ -25,12 +25,13 @@ import torch
 from .. import config as C
 from ..atomic import write_text
 from ..checks import check_model_name, check_out_file, one_line
-from ..data import fashion_mnist_dir
+from ..data import FASHION_MNIST_CLASSES, fashion_mnist_dir
 from ..extract import extract_features
 from .data import balanced_subset, load_eval_splits
 from .encoders import check_checkpoint, load_encoder
 from .eval_config import EvalConfig
-from .figure1 import EvalInputError
+from .figure1 import EvalInputError, model_data_config
+from .sources import FASHION_MNIST, check_label_amounts, eval_splits, load_source, source_kind
 from .protocols import accuracy, fit_linear_probe
 
 __all__ = ['ProbeConfig', 'check_probe', 'run_probe', 'format_probe', 'FEATURE_KINDS']
@@ -53,8 +54,12 @@ class ProbeConfig:
     linear_wds: Tuple[float, ...] = _EVAL.linear_wds  # L2 penalty grid, picked on the tuning half of val
     linear_max_iter: int = _EVAL.linear_max_iter  # L-BFGS iterations per penalty
     # ---- data ----
+    data: str = _EVAL.data  # fashion-mnist | a folder of class subfolders (or train/ val/ test/ of them) | hf:NAME
     data_dir: str = ''  # Fashion-MNIST IDX folder ('' = $CPC_FASHION_MNIST_DIR or the Debian package's)
-    val_size: int = _EVAL.val_size  # validation images carved from the training set, as in figure1
+    val_size: int = _EVAL.val_size  # fashion-mnist: validation images carved from the training set, as in figure1
+    val_fraction: float = _EVAL.val_fraction  # other --data without a val split: fraction of train carved as val
+    test_fraction: float = _EVAL.test_fraction  # other --data without a test split: fraction held out (never read)
+    convert_colour: bool = False  # read colour images as greyscale for a 1-channel model (else they are refused)
     val_seed: int = _EVAL.val_seed  # seed of the validation split, as in figure1
     # ---- runtime ----
     extract_batch: int = _EVAL.extract_batch  # images per forward pass
@@ -80,6 +85,8 @@ class ProbeConfig:
             C.check_range(self, key, 0)
         for key in ('extract_batch', 'linear_max_iter'):
             C.check_range(self, key, 1)
+        for key in ('val_fraction', 'test_fraction'):
+            C.check_range(self, key, 0, 1, low_open=True, high_open=True)
 
 
 def check_probe(cfg: ProbeConfig) -> None:
@@ -89,10 +96,13 @@ def check_probe(cfg: ProbeConfig) -> None:
     if set(cfg.features) - {'pixels'}:
         check_model_name(cfg.model)
         check_checkpoint(cfg.checkpoint)
-    try:
-        fashion_mnist_dir(cfg.data_dir or None)
-    except FileNotFoundError as e:
-        raise C.ConfigError(f'--data-dir: {e}') from None
+    if cfg.data == FASHION_MNIST:
+        try:
+            fashion_mnist_dir(cfg.data_dir or None)
+        except FileNotFoundError as e:
+            raise C.ConfigError(f'--data-dir: {e}') from None
+    else:
+        source_kind(cfg.data)
     if cfg.out:
         check_out_file(cfg.out, '--out', suffix='.json')
 
@@ -104,7 +114,14 @@ def run_probe(cfg: ProbeConfig) -> Dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        x, y, pool, tune, select = load_eval_splits(cfg)
+        if cfg.data == FASHION_MNIST:
+            x, y, pool, tune, select = load_eval_splits(cfg)
+            classes = list(FASHION_MNIST_CLASSES)
+        else:
+            source = load_source(cfg, model_data_config(cfg), progress=cfg.progress)
+            x, y, pool, tune, select, _, _ = eval_splits(source, cfg)  # the test split is never read
+            classes = source.classes
+        check_label_amounts(y[pool], classes, cfg.data, (cfg.fraction,), fraction_flag='--fraction')
     except (ValueError, FileNotFoundError) as e:  # the data given
         raise EvalInputError(one_line(e)) from e
     subsets = {s: pool[balanced_subset(y[pool], cfg.fraction, s)] for s in cfg.seeds}
@@ -128,14 +145,15 @@ def run_probe(cfg: ProbeConfig) -> Dict:
         f = feats[kind]
         per_seed = []
         for s, sub in subsets.items():
-            probe = fit_linear_probe(f[pos[sub]].float(), y[sub], f[pos[tune]].float(), y[tune], cfg.linear_wds, 10,
-                                     cfg.linear_max_iter)
+            probe = fit_linear_probe(f[pos[sub]].float(), y[sub], f[pos[tune]].float(), y[tune], cfg.linear_wds,
+                                     len(classes), cfg.linear_max_iter)
             acc = accuracy(probe['predict'](f[pos[select]].float()), y[select])
             per_seed.append(dict(seed=s, accuracy=acc, wd=probe['wd'], tune_accuracy=probe['val_acc']))
         accs = [r['accuracy'] for r in per_seed]
         results[kind] = dict(mean=float(np.mean(accs)), std=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
                              per_seed=per_seed, dims=int(f.shape[1]))
-    out = dict(results=results, checkpoint=src, config=C.to_dict(cfg), n_labels=len(subsets[cfg.seeds[0]]),
+    out = dict(results=results, checkpoint=src, config=C.to_dict(cfg), classes=classes,
+               n_labels=len(subsets[cfg.seeds[0]]),
                n_tune=len(tune), n_select=len(select),
                timings=dict(wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1),
                             extract_s=round(t_extract, 1)))

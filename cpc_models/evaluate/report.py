@@ -12,7 +12,8 @@ from ..atomic import atomic_file, write_text
 from ..config import ConfigError
 
 __all__ = ['summarize', 'pick_best_cpc', 'check_targets', 'format_table', 'format_training', 'format_cost',
-           'plot_figure1', 'check_plotting', 'PLOT_EXTRA', 'format_section', 'write_report', 'write_results', 'replace_section', 'BEST_CPC']
+           'plot_figure1', 'check_plotting', 'PLOT_EXTRA', 'format_section', 'write_report', 'write_results',
+           'replace_section', 'BEST_CPC', 'amount_label', 'target_options', 'format_per_class']
 
 BEST_CPC = 'best_cpc'  # the pseudo-arm: per fraction, the CPC arm with the best selection-half accuracy
 BASELINE = 'supervised'
@@ -63,8 +64,47 @@ def _pct(v: float) -> str:
     return f'{100 * v:.2f}'
 
 
-def check_targets(summary: Dict, best: Optional[Dict[float, str]] = None) -> List[Dict]:
-    """PASS / MISS / n/a for every target, on mean accuracies (see docs/evaluation.md)."""
+def amount_label(f: float, shots: bool = False) -> str:
+    """A label amount as a column title: '5/class' (shots per class) or '1%' (a fraction of the pool)."""
+    return f'{int(f)}/class' if shots else f'{f:.0%}'
+
+
+def target_options(payload: Dict) -> Dict:
+    """check_targets' options of a results payload: Fashion-MNIST fractions get its own targets; any other source, or
+    shots per class, the paper's 2x-fewer-labels claim at the amounts run."""
+    cfg = payload.get('config', {})
+    shots = bool(cfg.get('shots'))
+    return dict(generic=shots or cfg.get('data', 'fashion-mnist') != 'fashion-mnist', shots=shots)
+
+
+def _generic_targets(s: Dict, best: Dict, shots: bool, add, get, who) -> None:
+    """The paper's claim (2-5x fewer labels than supervised for the same accuracy) at the amounts run: for every
+    amount a, the best CPC arm at a >= the baseline at the smallest amount run that is >= 2a."""
+    mine, base = sorted(s.get(BEST_CPC, {})), sorted(s.get(BASELINE, {}))
+    for a in mine:
+        b = next((x for x in base if x >= 2 * a - 1e-12), None)
+        if b is None:
+            continue
+        ca, cb = get(BEST_CPC, a), get(BASELINE, b)
+        add(f'best CPC@{amount_label(a, shots)} >= {BASELINE}@{amount_label(b, shots)} ({b / a:.3g}x the labels)',
+            ca >= cb, f'{who(BEST_CPC, a)} {_pct(ca)} vs {_pct(cb)}')
+    if not any(b >= 2 * a - 1e-12 for a in mine for b in base):
+        add(f'best CPC >= {BASELINE} with 2x fewer labels', None, 'not run (needs amounts a and >= 2a)')
+    both = sorted(set(mine) & set(base))
+    add(f'best CPC >= {BASELINE} at every amount', all(get(BEST_CPC, f) >= get(BASELINE, f) for f in both)
+        if both else None, ', '.join(f'{amount_label(f, shots)}: {_pct(get(BEST_CPC, f))} vs '
+                                     f'{_pct(get(BASELINE, f))}' for f in both) or 'not run')
+    knn = sorted(set(s.get('cpc_knn', {})) & set(s.get('pixels_knn', {})))
+    add('cpc_knn > pixels_knn at every amount', all(get('cpc_knn', f) > get('pixels_knn', f) for f in knn)
+        if knn else None, ', '.join(f'{amount_label(f, shots)}: {_pct(get("cpc_knn", f))} vs '
+                                    f'{_pct(get("pixels_knn", f))}' for f in knn) or 'not run')
+
+
+def check_targets(summary: Dict, best: Optional[Dict[float, str]] = None, generic: bool = False,
+                  shots: bool = False) -> List[Dict]:
+    """PASS / MISS / n/a for every target, on mean accuracies (see docs/evaluation.md). ``generic``: the targets of
+    any dataset (the 2x-fewer-labels claim at the amounts run) instead of Fashion-MNIST's; ``shots``: amounts are
+    images per class."""
     s = _with_best(summary, best or {})
     out = []
 
@@ -77,6 +117,9 @@ def check_targets(summary: Dict, best: Optional[Dict[float, str]] = None) -> Lis
     def who(arm, f):
         return f'{arm} ({best[f]})' if arm == BEST_CPC and best and f in best else arm
 
+    if generic:
+        _generic_targets(s, best or {}, shots, add, get, who)
+        return out
     for arm, base, margin in FEATURE_TARGETS:
         a, b = get(arm, 0.01), get(base, 0.01)
         name = f'{arm}@1% >= {base}@1% + {margin:g}'
@@ -110,12 +153,12 @@ def _cell(m: Optional[Cell], n_max: int, note: str = '') -> str:
 
 
 def format_table(summary: Dict, arms: Sequence[str], labels: Dict[str, str],
-                 best: Optional[Dict[float, str]] = None) -> str:
+                 best: Optional[Dict[float, str]] = None, shots: bool = False) -> str:
     """Markdown: one row per arm (``labels``: arm -> row title), one column per fraction, mean ± std (%); with
     ``best``, a last row with each fraction's best CPC arm (picked on val) and its accuracy."""
     fracs = sorted({f for d in summary.values() for f in d})
     n_max = max((v[2] for d in summary.values() for v in d.values()), default=0)
-    lines = ['| arm | ' + ' | '.join(f'{f:.0%}' for f in fracs) + ' |', '|---|' + '---|' * len(fracs)]
+    lines = ['| arm | ' + ' | '.join(amount_label(f, shots) for f in fracs) + ' |', '|---|' + '---|' * len(fracs)]
     for a in arms:
         if a in summary:
             cells = [_cell(summary[a].get(f), n_max) for f in fracs]
@@ -127,7 +170,7 @@ def format_table(summary: Dict, arms: Sequence[str], labels: Dict[str, str],
     return '\n'.join(lines)
 
 
-def format_training(runs: List[Dict], arms: Sequence[str], labels: Dict[str, str]) -> str:
+def format_training(runs: List[Dict], arms: Sequence[str], labels: Dict[str, str], shots: bool = False) -> str:
     """Markdown: for every arm trained until val stops improving, per fraction the mean best epoch, epochs trained,
     why runs stopped (plateau / cap) and the mean CPU time of a run."""
     rows = []
@@ -140,13 +183,13 @@ def format_training(runs: List[Dict], arms: Sequence[str], labels: Dict[str, str
             c = [r['config'] for r in rs]
             stops = ', '.join(f'{k} x{n}' for k, n in sorted(
                 {s: sum(x['stopped'] == s for x in c) for s in {x['stopped'] for x in c}}.items()))
-            rows.append(f"| {labels.get(a, a)} | {f:.0%} | {rs[0]['n_labels']} | "
+            rows.append(f"| {labels.get(a, a)} | {amount_label(f, shots)} | {rs[0]['n_labels']} | "
                         f"{np.mean([x['best_epoch'] for x in c]):.1f} | {np.mean([x['epochs'] for x in c]):.1f} | "
                         f"{np.mean([x['images_seen'] for x in c]):,.0f} | {stops} | "
                         f"{np.mean([r['cpu_s'] for r in rs]):,.0f} |")
     if not rows:
         return ''
-    return '\n'.join(['| arm | fraction | labels | best epoch | epochs trained | images seen | stopped | CPU-s / run |',
+    return '\n'.join([f'| arm | {"shots" if shots else "fraction"} | labels | best epoch | epochs trained | images seen | stopped | CPU-s / run |',
                       '|---|---|---|---|---|---|---|---|'] + rows)
 
 
@@ -184,8 +227,30 @@ def check_plotting(what: str = 'figure1.png') -> None:
                           f'or pip install matplotlib') from None
 
 
+def format_per_class(runs: List[Dict], arms: Sequence[str], classes: Sequence[str], shots: bool = False) -> str:
+    """Markdown: one row per class, one column per arm: the mean over seeds of the accuracy on that class's eval
+    images, at the smallest label amount each arm ran."""
+    cols = []
+    for a in arms:
+        mine = [r for r in runs if r['arm'] == a and r.get('per_class')]
+        if mine:
+            f = min(r['fraction'] for r in mine)
+            cols.append((a, f, [r['per_class'] for r in mine if r['fraction'] == f]))
+    if not cols or not classes:
+        return ''
+    lines = ['| class | ' + ' | '.join(f'`{a}` {amount_label(f, shots)}' for a, f, _ in cols) + ' |',
+             '|---|' + '---|' * len(cols)]
+    for c, name in enumerate(classes):
+        cells = []
+        for _, _, per in cols:
+            v = [p[c] for p in per if c < len(p) and p[c] is not None]
+            cells.append(_pct(float(np.mean(v))) if v else '')
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def plot_figure1(summary: Dict, arms: Sequence[str], path: Path, labels: Dict[str, str], styles: Dict[str, Dict],
-                 title: str = '', split: str = 'test') -> None:
+                 title: str = '', split: str = 'test', shots: bool = False) -> None:
     """Accuracy against the labelled fraction (log x), one line per arm, mean ± std error bars (paper Fig. 1)."""
     import matplotlib
     matplotlib.use('Agg')
@@ -196,14 +261,14 @@ def plot_figure1(summary: Dict, arms: Sequence[str], path: Path, labels: Dict[st
         if a not in summary:
             continue
         fs = sorted(summary[a])
-        ax.errorbar([100 * f for f in fs], [100 * summary[a][f][0] for f in fs],
+        ax.errorbar([f if shots else 100 * f for f in fs], [100 * summary[a][f][0] for f in fs],
                     yerr=[100 * (summary[a][f][1] or 0.0) for f in fs], label=labels.get(a, a), capsize=3,
                     **styles.get(a, {}))
     ax.set_xscale('log')
-    ax.set_xticks([100 * f for f in fracs])
-    ax.set_xticklabels([f'{100 * f:g}%' for f in fracs])
+    ax.set_xticks([f if shots else 100 * f for f in fracs])
+    ax.set_xticklabels([f'{f:g}' if shots else f'{100 * f:g}%' for f in fracs])
     ax.minorticks_off()
-    ax.set_xlabel('Percentage of labelled images (log scale)')
+    ax.set_xlabel('Labelled images per class (log scale)' if shots else 'Percentage of labelled images (log scale)')
     ax.set_ylabel(f'{split} accuracy (%)')
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
@@ -230,7 +295,8 @@ def write_results(out: Path, payload: Dict) -> None:
 def _title(payload: Dict) -> str:
     src = payload.get('checkpoint', {})  # its architecture, not --model's default, names the encoder evaluated
     return (f"{src.get('model') or payload['config']['model']} ({src.get('name') or src.get('path') or src.get('kind', '')}), "
-            f"Fashion-MNIST {payload['config']['split']}, seeds {list(payload['config']['seeds'])}")
+            f"{payload.get('data_name', 'Fashion-MNIST')} {payload['config']['split']}, "
+            f"seeds {list(payload['config']['seeds'])}")
 
 
 def format_section(payload: Dict, labels: Dict[str, str], cpc_arms: Sequence[str], image: str = 'figure1.png',
@@ -242,17 +308,33 @@ def format_section(payload: Dict, labels: Dict[str, str], cpc_arms: Sequence[str
     summary = summarize(payload['runs'])
     best = pick_best_cpc(payload['runs'], [a for a in arms if a in cpc_arms])
     payload['best_cpc'] = {str(f): a for f, a in best.items()}
-    payload['targets'] = targets = check_targets(summary, best)
+    options = target_options(payload)
+    shots = options['shots']
+    payload['targets'] = targets = check_targets(summary, best, **options)
     wall = payload.get('wall_s')
     parts = [t for k, t in payload.get('timings', {}).items() if k.startswith('part')]
-    md = [f'{heading} Fashion-MNIST, {split} accuracy (%) against labelled fraction, mean ± std over seeds', '',
-          f'Encoder: {_title(payload)}. Labelled pool: {payload.get("n_pool")} images (train minus '
-          f'{payload["config"]["val_size"]} val: half tunes each arm, half picks the best CPC arm); '
-          f'{payload.get("n_eval")} {split} images.', '', format_table(summary, arms, labels, best), '',
+    name = payload.get('data_name', 'Fashion-MNIST')
+    against = 'labelled images per class' if shots else 'labelled fraction'
+    if name == 'Fashion-MNIST':
+        pool = (f'train minus {payload["config"]["val_size"]} val: half tunes each arm, half picks the best CPC '
+                f'arm')
+    else:
+        pool = (f'{payload.get("n_val")} val images tune each arm, as many pick the best CPC arm; '
+                f'{payload.get("splits_note", "")}')
+    classes = payload.get('classes') or []
+    md = [f'{heading} {name}, {split} accuracy (%) against {against}, mean ± std over seeds', '',
+          f'Encoder: {_title(payload)}. Labelled pool: {payload.get("n_pool")} images ({pool}); '
+          f'{payload.get("n_eval")} {split} images.'
+          + (f' Classes ({len(classes)}): {", ".join(classes)}.' if classes else '')
+          + (f' Unreadable images skipped: {len(payload["skipped"])}.' if payload.get('skipped') else ''),
+          '', format_table(summary, arms, labels, best, shots), '',
           f'![Figure 1]({image})', '',
           f'{heading}# Targets', '', '| target | status | detail |', '|---|---|---|']
     md += [f"| {t['target']} | {t['status']} | {t['detail']} |" for t in targets]
-    training = format_training(payload['runs'], arms, labels)
+    per_class = format_per_class(payload['runs'], arms, classes, shots)
+    if per_class:
+        md += ['', f'{heading}# Per class, {split} accuracy (%) at the fewest labels', '', per_class]
+    training = format_training(payload['runs'], arms, labels, shots)
     if training:
         md += ['', f'{heading}# Trained arms: epochs and compute (each run stops when val accuracy stops improving)',
                '', training]
@@ -285,6 +367,8 @@ def write_report(out: Path, payload: Dict, labels: Dict[str, str], styles: Dict[
     """Write table.md and figure1.png from a results.json payload (adds ``targets``); returns the markdown."""
     text = format_section(payload, labels, cpc_arms)
     write_text(out / 'table.md', text)
+    classes = payload.get('classes') or []
+    title = _title(payload) + (f'\n{len(classes)} classes: ' + ', '.join(classes)[:150] if classes else '')
     plot_figure1(summarize(payload['runs']), payload['config']['arms'], out / 'figure1.png', labels, styles,
-                 _title(payload), payload['config']['split'])
+                 title, payload['config']['split'], target_options(payload)['shots'])
     return text
