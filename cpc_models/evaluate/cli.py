@@ -16,7 +16,7 @@ from .report import check_plotting, replace_section, write_results
 
 __all__ = ['main', 'COMMANDS']
 
-COMMANDS = ('figure1', 'probe', 'plot', 'merge')
+COMMANDS = ('figure1', 'probe', 'linear', 'plot', 'merge')
 WRITTEN = ('results.json', 'table.md', 'figure1.png')  # what figure1, plot and merge write to their folder
 
 USAGE = '''cpc-eval figure1 --checkpoint CKPT --out DIR [--KEY VALUE ...]   run the arms over fractions and seeds
