@@ -8,17 +8,18 @@ augmentation happen batched in the training step. Unreadable images never crash 
 import gzip
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from .images import ImageFiles, find_images
+from .file_index import FileIndex
+from .images import ImageFiles
 
 __all__ = [
-    'ImageFolderDataset', 'TensorImageDataset', 'StepSampler', 'NoReadableImagesError', 'check_readable', 'refill',
+    'ImageFolderDataset', 'TensorImageDataset', 'StepSampler', 'DataPosition', 'epoch_permutation', 'NoReadableImagesError', 'check_readable', 'refill',
     'read_idx', 'fashion_mnist_dir', 'load_fashion_mnist', 'FASHION_MNIST_CLASSES',
 ]
 
@@ -32,17 +33,29 @@ _FMNIST_FILES = {
 
 
 class ImageFolderDataset(ImageFiles):
-    """Images found recursively under a folder (labels unused), as uint8 tensors (C, size, size).
+    """Images found recursively under a folder, as uint8 tensors (C, size, size), listed by a
+    :class:`~cpc_models.file_index.FileIndex` (``index``; default: the folder scanned now, in memory).
 
     Training: resize the short side to ``resize`` then random-crop ``size``; eval: centre crop. Items are
-    ``(image or None, index, error or None)`` (see :class:`~cpc_models.images.ImageFiles`).
+    ``(image or None, index, error or None)`` (see :class:`~cpc_models.images.ImageFiles`); ``labels`` and
+    ``classes`` are the ImageFolder classes of the files (``root/<class>/...``; -1 for files in the root itself).
     """
 
-    def __init__(self, root, size: int, channels: int = 3, resize: Optional[int] = None, train: bool = True):
+    def __init__(self, root, size: int, channels: int = 3, resize: Optional[int] = None, train: bool = True,
+                 index: Optional[FileIndex] = None):
         crop = v2.RandomCrop(size) if train else v2.CenterCrop(size)
         self.root = root
-        super().__init__(find_images(root), channels,
-                         v2.Compose([v2.PILToTensor(), v2.Resize(resize or size, antialias=True), crop]))
+        self.index = index if index is not None else FileIndex.scan(root)
+        super().__init__([], channels, v2.Compose([v2.PILToTensor(), v2.Resize(resize or size, antialias=True), crop]))
+        self.paths = self.index.paths  # a sequence over the index's arrays: no Path per file is kept
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index.labels
+
+    @property
+    def classes(self) -> List[str]:
+        return self.index.classes
 
 
 class TensorImageDataset(Dataset):
@@ -58,30 +71,85 @@ class TensorImageDataset(Dataset):
         return self.images[i], i, None
 
 
-class StepSampler(Sampler):
-    """Global batches from a seeded per-epoch permutation; each rank takes its contiguous slice.
+class DataPosition(NamedTuple):
+    """Where a run is in the global image stream: ``epoch`` and the images of that epoch's order already taken."""
+    epoch: int
+    offset: int
 
-    Starting at ``start_step`` replays nothing and skips nothing, which makes resume exact.
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order (int64, (n,)) in which epoch ``epoch`` visits ``n`` images; the same on every rank and world size."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+class StepSampler(Sampler):
+    """Global batches from a seeded per-epoch permutation of the images: one global image stream, whatever the
+    number of processes.
+
+    Epoch e visits the images in the order ``epoch_permutation(n, seed, e)``; a step takes the next ``global_batch``
+    images of it (an epoch ends when fewer than ``global_batch`` are left: its last ``n % global_batch`` images are
+    not used in that epoch). With ``accum_steps`` k a step is k micro-batches of ``global_batch / k`` consecutive
+    images; rank r of ``world`` takes the contiguous slice r of every micro-batch. Iterating yields rank r's
+    micro-batches (lists of image indices), k per step.
+
+    The run's place in the stream is a :class:`DataPosition` (epoch, images of it taken), written into every
+    checkpoint: a run resumed at that position takes the images an uninterrupted run would have taken next, on any
+    number of processes and with any split into micro-batches. ``start_step`` alone (checkpoints without a
+    position) means ``start_step`` steps of ``global_batch`` from the start. The permutation is drawn once per
+    epoch, not per step.
     """
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int = 0):
-        if global_batch % world:
-            raise ValueError(f'batch_size {global_batch} must be divisible by the number of processes {world}.')
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int = 0,
+                 position: Optional[DataPosition] = None, accum_steps: int = 1):
+        if global_batch % (world * accum_steps):
+            what = f'the number of processes {world}' + (f' x --accum-steps {accum_steps}' if accum_steps > 1 else '')
+            raise ValueError(f'batch_size {global_batch} must be divisible by {what}.')
         if n < global_batch:
             raise ValueError(f'The dataset has {n} images, fewer than one batch of {global_batch}; lower --batch-size.')
         self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.accum_steps = accum_steps
         self.steps_per_epoch = n // global_batch
         self.start_step = start_step
+        if position is None:
+            epoch, i = divmod(start_step, self.steps_per_epoch)
+            position = DataPosition(epoch, i * global_batch)
+        self.position = DataPosition(*position)
+        self._perm: Tuple[int, Optional[torch.Tensor]] = (-1, None)
+
+    def advance(self, position: DataPosition, steps: int = 1) -> DataPosition:
+        """The position ``steps`` steps after ``position``."""
+        epoch, offset = position
+        for _ in range(steps):
+            if offset + self.global_batch > self.n:
+                epoch, offset = epoch + 1, 0
+            offset += self.global_batch
+        return DataPosition(epoch, offset)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s order, drawn once and kept until the next epoch."""
+        if self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
+        return self._perm[1]
+
+    def global_batch_at(self, position: DataPosition) -> List[int]:
+        """The image indices of the step starting at ``position``, all ranks, in stream order."""
+        epoch, offset = position
+        if offset + self.global_batch > self.n:
+            epoch, offset = epoch + 1, 0
+        return self.permutation(epoch)[offset:offset + self.global_batch].tolist()
 
     def __iter__(self) -> Iterator[List[int]]:
-        step = self.start_step
-        local = self.global_batch // self.world
+        epoch, offset = self.position
+        micro = self.global_batch // self.accum_steps
+        local = micro // self.world
         while True:
-            epoch, i = divmod(step, self.steps_per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            start = i * self.global_batch + self.rank * local
-            yield perm[start:start + local].tolist()
-            step += 1
+            if offset + self.global_batch > self.n:
+                epoch, offset = epoch + 1, 0
+            perm = self.permutation(epoch)
+            for j in range(self.accum_steps):
+                start = offset + j * micro + self.rank * local
+                yield perm[start:start + local].tolist()
+            offset += self.global_batch
 
     def __len__(self) -> int:
         return self.steps_per_epoch
