@@ -16,10 +16,10 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from .file_index import FileIndex
-from .images import ImageFiles
+from .images import ImageFiles, convert_image
 
 __all__ = [
-    'ImageFolderDataset', 'TensorImageDataset', 'StepSampler', 'DataPosition', 'epoch_permutation', 'NoReadableImagesError', 'check_readable', 'refill',
+    'ImageFolderDataset', 'HFImageDataset', 'load_hf_dataset', 'HF_PREFIX', 'TensorImageDataset', 'StepSampler', 'DataPosition', 'epoch_permutation', 'NoReadableImagesError', 'check_readable', 'refill',
     'read_idx', 'fashion_mnist_dir', 'load_fashion_mnist', 'FASHION_MNIST_CLASSES',
 ]
 
@@ -56,6 +56,82 @@ class ImageFolderDataset(ImageFiles):
     @property
     def classes(self) -> List[str]:
         return self.index.classes
+
+
+HF_PREFIX = 'hf:'
+
+
+def load_hf_dataset(source: str, split: str = 'train'):
+    """A Hugging Face ``datasets`` dataset: ``source`` is a folder written by ``save_to_disk`` (a Dataset, or a
+    DatasetDict of which ``split`` is taken) or a Hub name (``load_dataset(source, split=split)``, cached in the
+    Hugging Face cache). Needs the optional extra: ``pip install 'cpc-models[datasets]'``.
+
+    Raises:
+        ImportError: ``datasets`` is not installed (the message says how to install it).
+        FileNotFoundError, ValueError: no such dataset or split.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("Hugging Face datasets are read with the `datasets` package: pip install "
+                          "'cpc-models[datasets]'") from None
+    if Path(source).is_dir():
+        ds = datasets.load_from_disk(source)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f'{source} has the splits {", ".join(ds)}, not {split!r}; pass --data-split.')
+            ds = ds[split]
+        return ds
+    return datasets.load_dataset(source, split=split)
+
+
+class HFImageDataset(Dataset):
+    """The images of a Hugging Face ``datasets`` dataset (e.g. ``ILSVRC/imagenet-1k``, or one saved with
+    ``save_to_disk``), as uint8 tensors (C, size, size) like :class:`ImageFolderDataset`: resize the short side to
+    ``resize``, random crop ``size`` (centre crop when not ``train``). Items are ``(image or None, index, error or
+    None)``; an image that does not decode is reported, never raised.
+
+    ``image_column``: the column of images ('' = the first column of the ``datasets.Image`` feature type).
+    ``labels`` / ``classes``: a ``ClassLabel`` column named ``label`` (or ``labels``), if there is one.
+    """
+
+    def __init__(self, dataset, size: int, channels: int = 3, resize: Optional[int] = None, train: bool = True,
+                 image_column: str = '', root: str = ''):
+        import datasets
+        features = dataset.features
+        if not image_column:
+            image_column = next((k for k, f in features.items() if isinstance(f, datasets.Image)), '')
+            if not image_column:
+                raise ValueError(f'{root or "the dataset"} has no image column (columns: {", ".join(features)}); '
+                                 f'pass --image-column.')
+        elif image_column not in features:
+            raise ValueError(f'{root or "the dataset"} has no column {image_column!r} (columns: '
+                             f'{", ".join(features)}); pass --image-column.')
+        self.root, self.image_column, self.channels = root or 'the dataset', image_column, channels
+        label = next((k for k in ('label', 'labels') if isinstance(features.get(k), datasets.ClassLabel)), None)
+        self.classes: List[str] = features[label].names if label else []
+        self._label_column = label
+        self._labels: Optional[np.ndarray] = None
+        self.dataset = dataset.select_columns([image_column])
+        crop = v2.RandomCrop(size) if train else v2.CenterCrop(size)
+        self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(resize or size, antialias=True), crop])
+        self._full = dataset
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        if self._label_column and self._labels is None:
+            self._labels = np.asarray(self._full[self._label_column], dtype=np.int64)
+        return self._labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            img = convert_image(self.dataset[int(i)][self.image_column], self.channels)
+        except Exception as e:  # a record that does not decode: reported like an unreadable file
+            return None, i, f'{type(e).__name__}: {e}'
+        return self.transform(img), i, None
 
 
 class TensorImageDataset(Dataset):

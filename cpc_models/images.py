@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-__all__ = ['IMAGE_EXTENSIONS', 'find_images', 'open_image', 'ImageFiles', 'collate_readable']
+__all__ = ['IMAGE_EXTENSIONS', 'find_images', 'open_image', 'convert_image', 'ImageFiles', 'collate_readable']
 
 PathLike = Union[str, os.PathLike]
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -67,6 +67,13 @@ def open_image(path: PathLike, channels: int) -> Image.Image:
     _check_channels(channels)
     with Image.open(path) as img:
         img.load()
+    return convert_image(img, channels)
+
+
+def convert_image(img: Image.Image, channels: int) -> Image.Image:
+    """An opened PIL image upright (EXIF orientation applied) with ``channels`` channels, by :func:`open_image`'s
+    rules (also for images that come decoded, e.g. from a Hugging Face dataset)."""
+    _check_channels(channels)
     img = ImageOps.exif_transpose(img)
     if img.mode.startswith('I') or img.mode == 'F':
         img = _to_8bit(img)

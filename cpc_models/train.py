@@ -13,6 +13,7 @@ any work (ranges, model, device, data, patch grid against the image size): a bad
 line naming the option; so does data without a readable image.
 """
 import dataclasses
+import importlib.util
 import json
 import os
 import resource
@@ -40,7 +41,9 @@ from .augment import PatchAugment, PatchAugmentConfig
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, resolve_checkpoint, save_checkpoint
 from .checks import check_device, check_model_name, one_line
 from .data import (
+    HF_PREFIX,
     DataPosition,
+    HFImageDataset,
     ImageFolderDataset,
     NoReadableImagesError,
     StepSampler,
@@ -48,6 +51,7 @@ from .data import (
     check_readable,
     fashion_mnist_dir,
     load_fashion_mnist,
+    load_hf_dataset,
     refill,
 )
 from .distributed import init_distributed
@@ -72,9 +76,13 @@ class TrainConfig:
     model: str = 'cpcv2_resnet_tiny'  # timm architecture name
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (--model_args.KEY V)
     # ---- data ----
-    data: str = 'fashion-mnist'  # 'fashion-mnist' or a folder of images (recursive, labels unused)
-    # where the file index of a --data folder is cached (cpc_models/file_index.py): '' = <data>/.cpc_file_index,
-    # or <out-dir>/file_index where the data folder is read-only
+    # 'fashion-mnist', a folder of images (recursive, labels unused), or hf:NAME / hf:FOLDER, a Hugging Face dataset
+    # with an image column (Hub name, or a folder written by save_to_disk; needs pip install 'cpc-models[datasets]')
+    data: str = 'fashion-mnist'
+    data_split: str = 'train'  # the split of an hf: dataset
+    image_column: str = ''  # the image column of an hf: dataset; '' = its first column of type datasets.Image
+    # where the file index of a --data folder is cached (cpc_models/file_index.py): '' = <data>.cpc_file_index
+    # beside the folder, or <out-dir>/file_index where that is read-only
     index_dir: str = ''
     data_dir: str = ''  # Fashion-MNIST IDX folder ('' = $CPC_FASHION_MNIST_DIR or the Debian package's)
     image_size: int = 0  # training crop; 0 = the model cfg's input size
@@ -210,6 +218,13 @@ def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
     elif not cfg.data:
         raise C.ConfigError('--data: this preset needs a folder of training images (e.g. ImageNet\'s train/), or '
                             '--data fashion-mnist')
+    elif cfg.data.startswith(HF_PREFIX):
+        if importlib.util.find_spec('datasets') is None:
+            raise C.ConfigError(f"--data {cfg.data}: Hugging Face datasets need the `datasets` package: pip install "
+                                f"'cpc-models[datasets]'")
+        if not cfg.data[len(HF_PREFIX):]:
+            raise C.ConfigError('--data hf:: give a Hub dataset name (hf:ILSVRC/imagenet-1k) or a folder written by '
+                                'save_to_disk (hf:/data/my_dataset)')
     elif not Path(cfg.data).is_dir():
         raise C.ConfigError(f'--data {cfg.data}: no such folder (give a folder of JPEG/PNG images, searched '
                             f'recursively, or fashion-mnist)')
@@ -401,6 +416,11 @@ def _dataset(cfg: TrainConfig, in_chans: int, img_size: int):
     if cfg.data == 'fashion-mnist':
         images, _ = load_fashion_mnist('train', cfg.data_dir or None)
         return TensorImageDataset(images.expand(-1, in_chans, -1, -1) if in_chans != 1 else images)
+    if cfg.data.startswith(HF_PREFIX):
+        source = cfg.data[len(HF_PREFIX):]
+        dataset = _one_per_node_first(lambda first: load_hf_dataset(source, cfg.data_split))  # the Hub download once
+        return HFImageDataset(dataset, img_size, in_chans, resize=cfg.resize or None, train=True,
+                              image_column=cfg.image_column, root=cfg.data)
     return ImageFolderDataset(cfg.data, img_size, in_chans, resize=cfg.resize or None, train=True,
                               index=shared_file_index(cfg.data, index_location(cfg)))
 
@@ -411,33 +431,42 @@ def index_location(cfg: TrainConfig) -> Path:
     if cfg.index_dir:
         return Path(cfg.index_dir)
     beside = default_index_dir(cfg.data)
-    writable = os.access(beside if beside.exists() else cfg.data, os.W_OK)
+    writable = os.access(beside if beside.exists() else beside.parent, os.W_OK)
     return beside if writable else Path(cfg.out_dir) / 'file_index'
 
 
-def shared_file_index(root: str, location: Path) -> FileIndex:
-    """The file index of ``root``, built once per machine: the first process of each node (LOCAL_RANK 0) reuses
-    or builds the cached index at ``location`` while the others wait, then every process memory-maps it. A failure
-    (no images, say) is raised on every rank alike."""
+def _one_per_node_first(load):
+    """``load(first)`` on the first process of each node (LOCAL_RANK 0, ``first=True``) while the others wait, then
+    on the others (``first=False``): what the first one builds or downloads, the others read. A failure of the
+    first is raised on every rank alike (as FileNotFoundError or ValueError)."""
     if not torch.distributed.is_initialized():
-        return FileIndex.open(root, location)
-    builder = os.environ.get('LOCAL_RANK', '0') == '0'
-    error = None
-    if builder:
-        try:
-            FileIndex.open(root, location)
-        except (OSError, ValueError) as e:
-            error = f'{type(e).__name__}: {e}'
-    errors: List[Optional[str]] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(errors, error)  # also the barrier: the index is on disk after this
-    first = next((e for e in errors if e), None)
+        return load(True)
+    first = os.environ.get('LOCAL_RANK', '0') == '0'
+    result, error = None, None
     if first:
-        raise FileNotFoundError(first.split(': ', 1)[1]) if first.startswith('FileNotFoundError') else ValueError(
-            first)
-    try:
-        return FileIndex.open(root, location, build=False)
-    except FileNotFoundError:  # the builder could not write it (read-only location): scan here too
-        return FileIndex.scan(root)
+        try:
+            result = load(True)
+        except (OSError, ValueError, ImportError) as e:
+            error = (type(e).__name__, str(e))
+    errors: List[Optional[Tuple[str, str]]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)  # also the barrier: what the first ones wrote is there now
+    failed = next((e for e in errors if e), None)
+    if failed:
+        raise (FileNotFoundError if failed[0] in ('FileNotFoundError', 'NotADirectoryError') else ValueError)(failed[1])
+    return result if first else load(False)
+
+
+def shared_file_index(root: str, location: Path) -> FileIndex:
+    """The file index of ``root``, built once per machine: the first process of each node reuses or builds the
+    cached index at ``location`` while the others wait, then every process memory-maps it."""
+    def load(first: bool) -> FileIndex:
+        if first:
+            return FileIndex.open(root, location)
+        try:
+            return FileIndex.open(root, location, build=False)
+        except FileNotFoundError:  # the first could not write it (read-only location): scan here too
+            return FileIndex.scan(root)
+    return _one_per_node_first(load)
 
 
 # ============ bookkeeping ============
