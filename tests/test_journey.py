@@ -51,6 +51,9 @@ def test_the_documented_commands_are_the_ones_run_here():
     for template in (FAKE, INDEX, TRAIN, NODES, EXPORT):
         assert template.format(**DOC_VALUES) in text, template
     assert TRAIN.format(**{**DOC_VALUES, 'nproc': 4}) in text  # the resume on fewer processes
+    readme = (DOCS.parent.parent / 'README.md').read_text()  # its "Reproduce the paper" lines
+    for template in (INDEX, TRAIN, NODES, EXPORT):
+        assert template.format(**DOC_VALUES) in readme, template
 
 
 def _env():
