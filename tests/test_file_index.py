@@ -110,3 +110,46 @@ def test_index_elsewhere_pickles_by_location_and_the_command_line(tmp_path, caps
     (tmp_path / 'junk' / 'a.txt').write_text('x')
     assert main(['build', str(tmp_path / 'junk')]) == 2
     assert 'No images' in capsys.readouterr().err
+
+
+_SHARED = r'''
+import json, os, sys
+from pathlib import Path
+import torch.distributed as dist
+dist.init_process_group('gloo')
+from cpc_models.train import shared_file_index
+try:
+    index = shared_file_index(sys.argv[1], Path(sys.argv[2]))
+    out = dict(files=len(index), first=str(index.path(0)), location=str(index.location))
+except Exception as e:
+    out = dict(error=f'{type(e).__name__}: {e}')
+print('RESULT', os.environ['RANK'], json.dumps(out), flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_ranks_share_one_index_built_by_the_first(tmp_path):
+    """Two gloo processes under torchrun: local rank 0 builds the index while rank 1 waits, then rank 1 maps the
+    saved one; a folder without images fails on both ranks alike, with the builder's message."""
+    import json
+    import subprocess
+    import sys
+    script = tmp_path / 'shared.py'
+    script.write_text(_SHARED)
+    root = _tree(tmp_path / 'train')
+    (tmp_path / 'junk').mkdir()
+    (tmp_path / 'junk' / 'a.txt').write_text('x')
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    for folder in (root, tmp_path / 'junk'):
+        res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                              str(script), str(folder), str(tmp_path / f'{folder.name}.idx')],
+                             env=env, capture_output=True, text=True, timeout=300)
+        results = dict(line.split(' ', 2)[1:] for line in res.stdout.splitlines() if line.startswith('RESULT'))
+        assert sorted(results) == ['0', '1'], res.stderr[-2000:]
+        got = {r: json.loads(v) for r, v in results.items()}
+        if folder == root:
+            assert got['0'] == got['1'] == dict(files=8, first=str(root / 'a' / 'sub' / 'deep.jpg'),
+                                                location=str(tmp_path / 'train.idx'))
+        else:
+            assert got['0'] == got['1'] and got['1']['error'].startswith('FileNotFoundError: No images')
