@@ -19,10 +19,10 @@ order (depth first, names sorted at every level); the index's own folders are sk
 
 **Cache and invalidation**: the index lives beside the data, in ``<root>.cpc_file_index/`` (a sibling of the folder:
 inside it, torchvision's ``ImageFolder`` would take it for a class), or in a folder you give (cpc-train: the run
-folder when the data's parent is read-only). It is reused when its format version and its root's fingerprint match: the
-sorted top-level entries of the root (name, file or folder, mtime in ns). Adding or removing a class folder, or a
-file directly in a class folder or in the root, changes an mtime there and triggers a rebuild; a change deeper down
-(a file added in ``root/a/b/``) does not: rebuild by hand with ``python -m cpc_models.file_index build ROOT
+folder when the data's parent is read-only). It is reused when its format version and its root's fingerprint match:
+a hash of the root's top-level entries (names, and the mtime of each folder). Adding or removing a class folder or
+a file in the root changes the names; adding or removing a file directly in a class folder changes that folder's
+mtime; either triggers a rebuild. A change deeper down (a file added in ``root/a/b/``) does not: rebuild by hand with ``python -m cpc_models.file_index build ROOT
 --rebuild``. Writes are atomic (``cpc_models.atomic``): a reader sees the old index or the new one.
 
 Command line::
@@ -30,12 +30,13 @@ Command line::
     python -m cpc_models.file_index build /data/imagenet/train     # build (or check) the cache; prints a summary
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -55,11 +56,14 @@ def _skipped(name: str) -> bool:
     return INDEX_DIRNAME in name
 
 
-def fingerprint(root: PathLike) -> List[Tuple[str, bool, int]]:
-    """What the cache is checked against: the root's top-level entries (name, is a folder, mtime in ns), sorted."""
+def fingerprint(root: PathLike) -> str:
+    """What the cache is checked against: a SHA-256 of the root's top-level entries, sorted (name, is a folder, and
+    for folders their mtime in ns; files directly in the root are not stat-ed, so a flat folder of a million files
+    costs one listing)."""
     with os.scandir(root) as it:
-        entries = [(e.name, e.is_dir(), e.stat().st_mtime_ns) for e in it if not _skipped(e.name)]
-    return sorted(entries)
+        entries = sorted((e.name, e.is_dir(), e.stat().st_mtime_ns if e.is_dir() else 0)
+                         for e in it if not _skipped(e.name))
+    return hashlib.sha256(json.dumps(entries).encode('utf-8', 'surrogateescape')).hexdigest()
 
 
 def default_index_dir(root: PathLike) -> Path:
@@ -175,7 +179,7 @@ class FileIndex:
         labels = np.fromiter((number[t] if t is not None else -1 for t in tops), dtype=np.int32, count=len(rel))
         return cls(root, blob, offsets, labels, [os.fsdecode(c) for c in classes])
 
-    def save(self, location: PathLike, fp: Optional[list] = None) -> Path:
+    def save(self, location: PathLike, fp: Optional[str] = None) -> Path:
         """Write the index to the folder ``location`` atomically; returns it."""
         location = Path(location)
         with atomic_dir(location) as tmp:
@@ -202,7 +206,7 @@ class FileIndex:
         except (OSError, ValueError):
             return False
         return (meta.get('version') == INDEX_VERSION and all((Path(location) / f'{n}.npy').is_file() for n in _ARRAYS)
-                and [list(e) for e in fingerprint(root)] == meta.get('fingerprint'))
+                and fingerprint(root) == meta.get('fingerprint'))
 
     @classmethod
     def build(cls, root: PathLike, location: Optional[PathLike] = None) -> 'FileIndex':

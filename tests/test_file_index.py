@@ -70,10 +70,14 @@ def test_cache_is_reused_until_the_fingerprint_changes(tmp_path):
     assert not FileIndex.is_fresh(LOC, root)
     index = FileIndex.open(root)
     assert len(index) == 9 and root / 'c' / 'new.jpg' in list(index.paths)
-    # a new class folder too
+    # a new class folder too, and a file in the root
     (root / 'e').mkdir()
     Image.new('RGB', (8, 8)).save(root / 'e' / 'f.jpg')
     assert FileIndex.open(root).classes[-1] == 'e'
+    Image.new('RGB', (8, 8)).save(root / 'top.jpg')
+    assert not FileIndex.is_fresh(LOC, root)
+    (root / 'top.jpg').unlink()
+    assert FileIndex.is_fresh(LOC, root)  # back to the indexed state
     # deeper changes are not seen (the stated rule): a rebuild by hand picks them up
     Image.new('RGB', (8, 8)).save(root / 'a' / 'sub' / 'deeper.jpg')
     os.utime(root / 'a', ns=(os.stat(root / 'a').st_atime_ns, os.stat(root / 'a').st_mtime_ns))
