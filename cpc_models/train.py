@@ -812,7 +812,8 @@ def train(cfg: TrainConfig) -> Dict:
             if log_now and main_process:
                 dt = time.perf_counter() - t_last
                 metrics = dict(
-                    step=step, epoch=step / sampler.steps_per_epoch, **stats.values(out.metrics),
+                    step=step, epoch=position.epoch + position.offset / (sampler.steps_per_epoch * cfg.batch_size),
+                    **stats.values(out.metrics),
                     lr=optimizer.param_groups[0]['lr'], grad_norm=float(grad_norm),
                     images_per_s=images_since / dt, patches_per_s=images_since * rows * cols / dt,
                     memory_mb=_memory_mb(device), skipped_images=skipped_total,

@@ -142,3 +142,4 @@ def test_resume_on_other_world_sizes_sees_the_same_images(tmp_path, capsys):
     log = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert [m['step'] for m in log] == list(range(1, 11))
     assert all(abs(m['loss']) < 10 for m in log)
+    assert [m['epoch'] for m in log] == pytest.approx([s / 5000 for s in range(1, 11)])  # 60,000 / 12 steps

@@ -67,6 +67,10 @@ def test_cpc_train_on_an_hf_dataset(saved, tmp_path, capsys):
     log = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert [m['step'] for m in log] == [1, 2, 3, 4] and all(math.isfinite(m['loss']) for m in log)
     assert np.isclose(log[0]['loss'], math.log(8 * 36), atol=0.3)  # InfoNCE at chance over 8 images x 36 patches
+    # resumed on other data (8 images): the run says that the image order differs from the interrupted run's
+    rc = train.main(FAST + ['--data', f'hf:{root / "dict"}', '--data-split', 'test', '--image-size', '28',
+                            '--max-steps', '5', '--out-dir', str(out)])
+    assert rc == 0 and 'the data has 8 images, the checkpoint\'s run had 40' in capsys.readouterr().err
     rc = train.main(FAST + ['--data', 'hf:', '--out-dir', str(out)])
     assert rc == 2 and '--data hf:: give a Hub dataset name' in capsys.readouterr().err
     rc = train.main(FAST + ['--data', f'hf:{root / "dict"}', '--data-split', 'val', '--out-dir', str(tmp_path / 'x')])
