@@ -145,12 +145,14 @@ def test_ranks_share_one_index_built_by_the_first(tmp_path):
     (tmp_path / 'junk').mkdir()
     (tmp_path / 'junk' / 'a.txt').write_text('x')
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(var, None)
     for folder in (root, tmp_path / 'junk'):
         res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                               str(script), str(folder), str(tmp_path / f'{folder.name}.idx')],
                              env=env, capture_output=True, text=True, timeout=300)
         results = dict(line.split(' ', 2)[1:] for line in res.stdout.splitlines() if line.startswith('RESULT'))
-        assert sorted(results) == ['0', '1'], res.stderr[-2000:]
+        assert sorted(results) == ['0', '1'], (res.returncode, res.stdout[-1000:], res.stderr[-3000:])
         got = {r: json.loads(v) for r, v in results.items()}
         if folder == root:
             assert got['0'] == got['1'] == dict(files=8, first=str(root / 'a' / 'sub' / 'deep.jpg'),
