@@ -116,18 +116,23 @@ def test_index_elsewhere_pickles_by_location_and_the_command_line(tmp_path, caps
     assert 'No images' in capsys.readouterr().err
 
 
+# Each rank writes its result to a file of its own: the ranks' stdout is one pipe, and with PYTHONUNBUFFERED=1 (set
+# in this environment, inherited by the workers) ``print`` writes each argument separately, so two ranks printing at
+# once can interleave their lines (seen under load as a 'RESULT RESULT 0 ...' line).
 _SHARED = r'''
 import json, os, sys
 from pathlib import Path
 import torch.distributed as dist
 dist.init_process_group('gloo')
 from cpc_models.train import shared_file_index
-try:
-    index = shared_file_index(sys.argv[1], Path(sys.argv[2]))
-    out = dict(files=len(index), first=str(index.path(0)), location=str(index.location))
-except Exception as e:
-    out = dict(error=f'{type(e).__name__}: {e}')
-print('RESULT', os.environ['RANK'], json.dumps(out), flush=True)
+out = Path(sys.argv[1])
+for folder in sys.argv[2:]:  # one process group for every folder: one torchrun launch
+    try:
+        index = shared_file_index(folder, out / f'{Path(folder).name}.idx')
+        got = dict(files=len(index), first=str(index.path(0)), location=str(index.location))
+    except Exception as e:
+        got = dict(error=f'{type(e).__name__}: {e}')
+    (out / f'{Path(folder).name}.rank{os.environ["RANK"]}.json').write_text(json.dumps(got))
 dist.destroy_process_group()
 '''
 
@@ -147,15 +152,12 @@ def test_ranks_share_one_index_built_by_the_first(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(var, None)
-    for folder in (root, tmp_path / 'junk'):
-        res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                              str(script), str(folder), str(tmp_path / f'{folder.name}.idx')],
-                             env=env, capture_output=True, text=True, timeout=300)
-        results = dict(line.split(' ', 2)[1:] for line in res.stdout.splitlines() if line.startswith('RESULT'))
-        assert sorted(results) == ['0', '1'], (res.returncode, res.stdout[-1000:], res.stderr[-3000:])
-        got = {r: json.loads(v) for r, v in results.items()}
-        if folder == root:
-            assert got['0'] == got['1'] == dict(files=8, first=str(root / 'a' / 'sub' / 'deep.jpg'),
-                                                location=str(tmp_path / 'train.idx'))
-        else:
-            assert got['0'] == got['1'] and got['1']['error'].startswith('FileNotFoundError: No images')
+    res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          str(script), str(tmp_path), str(root), str(tmp_path / 'junk')],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout[-1000:], res.stderr[-3000:])
+    got = {(name, r): json.loads((tmp_path / f'{name}.rank{r}.json').read_text())
+           for name in ('train', 'junk') for r in (0, 1)}
+    assert got['train', 0] == got['train', 1] == dict(files=8, first=str(root / 'a' / 'sub' / 'deep.jpg'),
+                                                      location=str(tmp_path / 'train.idx'))
+    assert got['junk', 0] == got['junk', 1] and got['junk', 1]['error'].startswith('FileNotFoundError: No images')
