@@ -909,7 +909,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'cpc-train: error: {one_line(e)}', file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:  # the data or the checkpoint: say what to change
-        print(f'cpc-train: error: {"" if world == 1 else f"[rank {rank}] "}{one_line(e)}', file=sys.stderr)
+        # one write per line (print writes the text and the newline separately when unbuffered): the ranks share
+        # the launcher's stderr, and their lines must not interleave
+        sys.stderr.write(f'cpc-train: error: {"" if world == 1 else f"[rank {rank}] "}{one_line(e)}\n')
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt as e:
         if rank == 0:

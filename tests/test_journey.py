@@ -1,5 +1,7 @@
 """The "Reproduce the paper" journey (docs/reproduce.md) on a synthetic ImageNet, each step through the documented
-command, with the sizes swapped for a CPU: the tiny encoder on 28 px crops, a few steps per segment.
+command, with the sizes swapped for a CPU: the tiny encoder on 28 px crops, a few steps per segment. The torchrun
+commands run as they are written; the one-process tools (fake_imagenet, file_index, hub export) run their ``main``
+with the documented arguments in this process (a Python start less each).
 
 fake ImageNet -> file index -> torchrun, 2 processes -> one rank killed -> resumed on 1 process -> on 3 -> on 2
 "nodes" x 2 processes (torchrun --nnodes 2, c10d rendezvous on localhost) -> SIGTERM to one node -> resumed on the
@@ -7,6 +9,7 @@ fake ImageNet -> file index -> torchrun, 2 processes -> one rank killed -> resum
 Every step of the run is checked to have loaded the images the global image stream gives it (each segment's ranks
 merged), whatever the number of processes that ran it.
 """
+import importlib
 import json
 import os
 import re
@@ -76,19 +79,60 @@ def _run(argv, timeout=300):
     return res.stdout
 
 
+def _main(capsys, template, **values):
+    """A documented ``python -m MODULE ARGS`` command, as ``MODULE.main(ARGS)`` in this process; its stdout."""
+    words = template.format(**values).split()
+    assert words[:2] == ['python', '-m']
+    capsys.readouterr()
+    assert importlib.import_module(words[2]).main(words[3:]) == 0
+    return capsys.readouterr().out
+
+
+def _popen(argv, log, **kw):
+    """Start a command with its output in the file ``log`` (a pipe nobody reads while the test waits could fill
+    up and block it)."""
+    with open(log, 'w') as f:
+        return subprocess.Popen(argv, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(procs, timeout=240, preempted=False):
+    """Wait for torchrun agents to end. ``preempted``: a node was SIGTERMed, and once it has ended, a survivor whose
+    workers have all exited waits in torchrun's exit barrier for the agent that is gone (up to 300 s when it hosts the
+    rendezvous store): it gets a SIGTERM too, as a scheduler ends the rest of a preempted job."""
+    t0, had_workers = time.time(), set()
+    while any(p.poll() is None for p in procs):
+        assert time.time() - t0 < timeout, 'timed out'
+        for p in procs:
+            if p.poll() is None and _children(p.pid):
+                had_workers.add(p.pid)
+            elif (preempted and p.poll() is None and p.pid in had_workers
+                  and any(q.poll() is not None for q in procs)):
+                p.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+
+
 def _latest_step(run):
     ckpts = sorted((run / 'checkpoints').glob('step_*[0-9]'))
     return int(ckpts[-1].name.split('_')[1]) if ckpts else 0
 
 
 def _children(pid):
-    return [int(c) for c in Path(f'/proc/{pid}/task/{pid}/children').read_text().split()]
+    try:
+        return [int(c) for c in Path(f'/proc/{pid}/task/{pid}/children').read_text().split()]
+    except FileNotFoundError:  # it has just ended
+        return []
+
+
+def _logged_steps(run):
+    """The steps in metrics.jsonl so far (a line still being written, without its newline, is left out)."""
+    text = (run / 'metrics.jsonl').read_text() if (run / 'metrics.jsonl').is_file() else ''
+    return [json.loads(line)['step'] for line in text.split('\n')[:-1]]
 
 
 def _wait_for(proc, cond, timeout=180):
     t0 = time.time()
     while not cond():
-        assert proc.poll() is None, f'ended before the signal: {proc.communicate()}'
+        assert proc.poll() is None, f'ended before the signal (rc {proc.returncode})'
         assert time.time() - t0 < timeout, 'timed out'
         time.sleep(0.05)
 
@@ -107,12 +151,12 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_reproduce_journey_on_a_synthetic_imagenet(tmp_path):
+def test_reproduce_journey_on_a_synthetic_imagenet(tmp_path, capsys):
     root, run = tmp_path / 'imagenet', tmp_path / 'run'
     values = dict(root=root, run=run)
-    out = _run(_argv(FAKE, root=root, classes=10, per_class=20) + ['--val-per-class', '2'])
+    out = _main(capsys, FAKE + ' --val-per-class 2', root=root, classes=10, per_class=20)
     assert 'wrote 220 JPEGs' in out
-    out = _run(_argv(INDEX, **values))
+    out = _main(capsys, INDEX, **values)
     assert out.startswith(f'built {root}/train.cpc_file_index: 200 files, 10 classes')
     index = FileIndex.open(root / 'train', build=False)  # fresh: the run reuses it
     sampler = StepSampler(len(index), 12, 0, 1, seed=0)
@@ -120,11 +164,10 @@ def test_reproduce_journey_on_a_synthetic_imagenet(tmp_path):
     seen = {}
 
     # 2 processes; one rank is killed after the checkpoint of step 2
-    proc = subprocess.Popen(_argv(TRAIN, nproc=2, **values) + SMALL + ['--max-steps', '40'], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _popen(_argv(TRAIN, nproc=2, **values) + SMALL + ['--max-steps', '40'], tmp_path / 'killed.log')
     _wait_for(proc, lambda: _latest_step(run) >= 2 and len(_children(proc.pid)) == 2)
     os.kill(_children(proc.pid)[-1], signal.SIGKILL)
-    proc.communicate(timeout=120)
+    proc.wait(timeout=120)
     assert proc.returncode != 0
     stopped = _latest_step(run)
     seen.update(_segment_ids(run, 2, 1, stopped))
@@ -140,23 +183,24 @@ def test_reproduce_journey_on_a_synthetic_imagenet(tmp_path):
     # two "nodes" of 2 processes (c10d rendezvous on localhost); SIGTERM to one node's torchrun
     start = _latest_step(run)
     nodes_argv = _argv(NODES, nnodes=2, nproc=2, endpoint=f'localhost:{_free_port()}', job='journey', **values)
-    nodes = [subprocess.Popen(nodes_argv + SMALL + ['--max-steps', '40'], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for _ in range(2)]
-    _wait_for(nodes[0], lambda: (run / 'metrics.jsonl').is_file() and max(
-        json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()) >= start + 2)
+    logs = [tmp_path / f'sigterm_node{k}.log' for k in range(2)]
+    nodes = [_popen(nodes_argv + SMALL + ['--max-steps', '40'], log, start_new_session=True) for log in logs]
+    _wait_for(nodes[0], lambda: max(_logged_steps(run)) >= start + 2)
     nodes[1].send_signal(signal.SIGTERM)
-    outs = [n.communicate(timeout=180) for n in nodes]
+    _finish(nodes, preempted=True)
+    outs = [log.read_text() for log in logs]
     stopped = _latest_step(run)
-    assert stopped > start and any(f'stopped by SIGTERM at step {stopped}' in o for o, _ in outs), outs
+    assert stopped > start and any(f'stopped by SIGTERM at step {stopped}' in o for o in outs), outs
     seen.update(_segment_ids(run, 4, start + 1, stopped))
 
     # resumed on the two nodes, to the end
     end = 14
-    nodes = [subprocess.Popen(nodes_argv + SMALL + ['--max-steps', str(end)], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [n.communicate(timeout=240) for n in nodes]
-    assert all(n.returncode == 0 for n in nodes), [e[-2000:] for _, e in outs]
-    assert any(f'resumed from {run}/checkpoints/step_{stopped:08d} at step {stopped}' in o for o, _ in outs)
+    logs = [tmp_path / f'end_node{k}.log' for k in range(2)]
+    nodes = [_popen(nodes_argv + SMALL + ['--max-steps', str(end)], log) for log in logs]
+    _finish(nodes)
+    outs = [log.read_text() for log in logs]
+    assert all(n.returncode == 0 for n in nodes), [o[-3000:] for o in outs]
+    assert any(f'resumed from {run}/checkpoints/step_{stopped:08d} at step {stopped}' in o for o in outs)
     seen.update(_segment_ids(run, 4, stopped + 1, end))
 
     # every step loaded the images of the global stream, in order, whatever ran it
@@ -167,7 +211,7 @@ def test_reproduce_journey_on_a_synthetic_imagenet(tmp_path):
 
     # export, then timm loads the export
     pub = tmp_path / 'weights' / 'cpcv2_resnet_tiny.fake'
-    _run(_argv(EXPORT, run=run, out=pub, tag='fake'))
+    _main(capsys, EXPORT, run=run, out=pub, tag='fake')
     model = timm.create_model('cpcv2_resnet_tiny', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(pub / 'model.safetensors')))
     expected_weights = load_file(run / 'checkpoints' / f'step_{end:08d}' / 'encoder.safetensors')
