@@ -23,7 +23,9 @@ folder when the data's parent is read-only). It is reused when its format versio
 a hash of the root's top-level entries (names, and the mtime of each folder). Adding or removing a class folder or
 a file in the root changes the names; adding or removing a file directly in a class folder changes that folder's
 mtime; either triggers a rebuild. A change deeper down (a file added in ``root/a/b/``) does not: rebuild by hand with ``python -m cpc_models.file_index build ROOT
---rebuild``. Writes are atomic (``cpc_models.atomic``): a reader sees the old index or the new one.
+--rebuild``. Writes are atomic (``cpc_models.atomic``): a reader sees the old index or the new one. Builders that
+run at once (the first process of each node, on a shared file system) do not replace each other's fresh index: the
+first to finish saves it, the others read it.
 
 Command line::
 
@@ -179,10 +181,11 @@ class FileIndex:
         labels = np.fromiter((number[t] if t is not None else -1 for t in tops), dtype=np.int32, count=len(rel))
         return cls(root, blob, offsets, labels, [os.fsdecode(c) for c in classes])
 
-    def save(self, location: PathLike, fp: Optional[str] = None) -> Path:
-        """Write the index to the folder ``location`` atomically; returns it."""
+    def save(self, location: PathLike, fp: Optional[str] = None, overwrite: bool = True) -> Path:
+        """Write the index to the folder ``location`` atomically (``overwrite``: replacing one there; else OSError
+        if one is there, even one that appears while this one is written); returns it."""
         location = Path(location)
-        with atomic_dir(location) as tmp:
+        with atomic_dir(location, overwrite=overwrite) as tmp:
             for name, arr in zip(_ARRAYS, (self._blob, self._offsets, self.labels)):
                 np.save(tmp / f'{name}.npy', np.ascontiguousarray(arr))
             meta = dict(version=INDEX_VERSION, root=str(self.root.resolve()), files=len(self), classes=self.classes,
@@ -209,12 +212,21 @@ class FileIndex:
                 and fingerprint(root) == meta.get('fingerprint'))
 
     @classmethod
-    def build(cls, root: PathLike, location: Optional[PathLike] = None) -> 'FileIndex':
-        """Scan ``root`` and save the index to ``location`` (default ``<root>.cpc_file_index``); returns it,
-        memory-mapped from disk."""
+    def build(cls, root: PathLike, location: Optional[PathLike] = None, rebuild: bool = False) -> 'FileIndex':
+        """Scan ``root`` and save the index to ``location`` (default ``<root>.cpc_file_index``) unless a fresh one
+        is there by then (``rebuild``: replace it anyway); returns it, memory-mapped from disk."""
         location = Path(location) if location else default_index_dir(root)
         fp = fingerprint(root)  # before the walk: a change during the walk makes the next start rebuild
-        cls.scan(root).save(location, fp)
+        index = cls.scan(root)
+        # Nodes sharing a file system build at once (one process per node): a missing index is created by the
+        # first to finish, never replaced by the others (a fresh index is not pulled away from its readers); they
+        # read the saved one (same files: same fingerprint). A stale one is replaced.
+        if rebuild or not cls.is_fresh(location, root):
+            try:
+                index.save(location, fp, overwrite=rebuild or location.exists())
+            except OSError:  # another builder's index landed first
+                if not cls.is_fresh(location, root):
+                    raise
         return cls.read(location, root)
 
     @classmethod
@@ -225,12 +237,15 @@ class FileIndex:
         the index is built in memory."""
         location = Path(location) if location else default_index_dir(root)
         if not rebuild and cls.is_fresh(location, root):
-            return cls.read(location, root)
+            try:
+                return cls.read(location, root)
+            except FileNotFoundError:  # replaced by a rebuild on another node while being read: once more
+                pass
         if not build:
             raise FileNotFoundError(f'{location}: no up-to-date file index of {root}; build it with `python -m '
                                     f'cpc_models.file_index build {root}`.')
         try:
-            return cls.build(root, location)
+            return cls.build(root, location, rebuild)
         except PermissionError:
             return cls.scan(root)
 

@@ -161,3 +161,31 @@ def test_ranks_share_one_index_built_by_the_first(tmp_path):
     assert got['train', 0] == got['train', 1] == dict(files=8, first=str(root / 'a' / 'sub' / 'deep.jpg'),
                                                       location=str(tmp_path / 'train.idx'))
     assert got['junk', 0] == got['junk', 1] and got['junk', 1]['error'].startswith('FileNotFoundError: No images')
+
+
+def _open_many(root, location, rounds, queue):
+    try:
+        for k in range(rounds):
+            index = FileIndex.open(root, f'{location}{k}')
+            queue.put((len(index), str(index.location)))
+    except Exception as e:  # reported to the test, not lost in the child
+        for _ in range(k, rounds):
+            queue.put(f'{type(e).__name__}: {e}')
+
+
+def test_nodes_building_one_shared_index_at_once_all_get_it(tmp_path):
+    """The first process of each node builds the index at the same time when the nodes share the file system
+    (the documented multi-node runs): every builder ends with the saved index, none fails on the others' rename."""
+    import multiprocessing
+    root = _tree(tmp_path / 'train')
+    ctx = multiprocessing.get_context('fork')
+    queue = ctx.Queue()
+    rounds, builders = 40, 4
+    procs = [ctx.Process(target=_open_many, args=(root, tmp_path / 'idx', rounds, queue)) for _ in range(builders)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=120) for _ in range(rounds * builders)]
+    for p in procs:
+        p.join(timeout=60)
+    assert all(isinstance(g, tuple) and g[0] == 8 and g[1].startswith(str(tmp_path / 'idx')) for g in got), \
+        [g for g in got if not isinstance(g, tuple)][:3]
