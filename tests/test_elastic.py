@@ -6,7 +6,6 @@ gradient accumulation), and compares the image indices every rank loaded with th
 processes (2 -> 1 -> 3 -> 4 on two "nodes") run in tests/test_journey.py, each step checked against the stream.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from cpc_models import train
 from cpc_models.data import DataPosition, StepSampler, epoch_permutation, load_fashion_mnist
+from conftest import worker_env
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -82,17 +82,10 @@ ELASTIC = ['--preset', 'fmnist_tiny', '--device', 'cpu', '--batch-size', '12', '
            '--keep-last', '0', '--log-image-ids', '--lr', '5e-3']
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
-    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(var, None)
-    return env
-
-
 def _torchrun(world, argv):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(world),
            '-m', 'cpc_models.train', *argv]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 

@@ -13,6 +13,7 @@ from PIL import Image
 from cpc_models.data import ImageFolderDataset
 from cpc_models.file_index import INDEX_DIRNAME, FileIndex, main
 from cpc_models.images import find_images
+from conftest import worker_env
 
 
 def _tree(root):
@@ -149,12 +150,9 @@ def test_ranks_share_one_index_built_by_the_first(tmp_path):
     root = _tree(tmp_path / 'train')
     (tmp_path / 'junk').mkdir()
     (tmp_path / 'junk' / 'a.txt').write_text('x')
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(var, None)
     res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                           str(script), str(tmp_path), str(root), str(tmp_path / 'junk')],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=worker_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, (res.stdout[-1000:], res.stderr[-3000:])
     got = {(name, r): json.loads((tmp_path / f'{name}.rank{r}.json').read_text())
            for name in ('train', 'junk') for r in (0, 1)}

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 import cpc_models  # noqa: F401  (registers the architectures)
 from cpc_models.data import StepSampler
 from cpc_models.file_index import FileIndex
+from conftest import worker_env
 
 pytestmark = pytest.mark.timeout(900)
 DOCS = Path(__file__).resolve().parent.parent / 'docs' / 'reproduce.md'
@@ -59,13 +60,6 @@ def test_the_documented_commands_are_the_ones_run_here():
         assert template.format(**DOC_VALUES) in readme, template
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
-    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(var, None)
-    return env
-
-
 def _argv(template, **values):
     """The command as a list, ``python`` and ``torchrun`` as this interpreter (torchrun = -m torch.distributed.run)."""
     words = template.format(**values).split()
@@ -74,7 +68,7 @@ def _argv(template, **values):
 
 
 def _run(argv, timeout=300):
-    res = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(argv, env=worker_env(), capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -92,7 +86,7 @@ def _popen(argv, log, **kw):
     """Start a command with its output in the file ``log`` (a pipe nobody reads while the test waits could fill
     up and block it)."""
     with open(log, 'w') as f:
-        return subprocess.Popen(argv, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True, **kw)
+        return subprocess.Popen(argv, env=worker_env(), stdout=f, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _finish(procs, timeout=240, preempted=False):
