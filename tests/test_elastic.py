@@ -3,7 +3,7 @@
 The sampler's arithmetic is checked in process (fast); the real thing runs cpc-train under torchrun with W = 1, 2
 and 3 real gloo processes on the CPU, resuming one run through the chain 1 -> 2 -> 3 -> 1 (and one segment with
 gradient accumulation), and compares the image indices every rank loaded with those of an uninterrupted run. Four
-processes (2 -> 1 -> 3 -> 4 on two "nodes") run in tests/test_journey.py, each step checked against the stream.
+processes (2 -> 1 -> 3 -> 4 on two "nodes" -> 2) run in tests/test_journey.py, each step checked against the stream.
 """
 import json
 import subprocess
