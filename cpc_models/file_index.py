@@ -22,8 +22,9 @@ inside it, torchvision's ``ImageFolder`` would take it for a class), or in a fol
 folder when the data's parent is read-only). It is reused when its format version and its root's fingerprint match:
 a hash of the root's top-level entries (names, and the mtime of each folder). Adding or removing a class folder or
 a file in the root changes the names; adding or removing a file directly in a class folder changes that folder's
-mtime; either triggers a rebuild. A change deeper down (a file added in ``root/a/b/``) does not: rebuild by hand with ``python -m cpc_models.file_index build ROOT
---rebuild``. Writes are atomic (``cpc_models.atomic``): a reader sees the old index or the new one. Builders that
+mtime; either triggers a rebuild (on a file system with coarse timestamps, e.g. 1 s, a file added within the same
+tick as the folder's previous change is not seen). A change deeper down (a file added in ``root/a/b/``) does not:
+rebuild by hand with ``python -m cpc_models.file_index build ROOT --rebuild``. Writes are atomic (``cpc_models.atomic``): a reader sees the old index or the new one. Builders that
 run at once (the first process of each node, on a shared file system) do not replace each other's fresh index: the
 first to finish saves it, the others read it.
 
