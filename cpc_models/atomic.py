@@ -91,12 +91,12 @@ def atomic_dir(path: PathLike, overwrite: bool = True, tmp_name: Optional[str] =
         for f in tmp.rglob('*'):
             if f.is_file():
                 _finish(f, mode)
-        if path.exists():
+        if overwrite and path.exists():
             old = path.parent / f'.{path.name}.old-{uuid.uuid4().hex[:8]}'
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
+        else:  # without overwrite, a folder another process created meanwhile stays: OSError (not empty)
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

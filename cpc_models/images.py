@@ -71,8 +71,8 @@ def open_image(path: PathLike, channels: int) -> Image.Image:
 
 
 def convert_image(img: Image.Image, channels: int) -> Image.Image:
-    """A decoded PIL image (e.g. of a Hugging Face dataset) as :func:`open_image` returns it: upright, 8-bit,
-    ``channels`` channels."""
+    """An opened PIL image upright (EXIF orientation applied) with ``channels`` channels, by :func:`open_image`'s
+    rules (also for images that come decoded, e.g. from a Hugging Face dataset)."""
     _check_channels(channels)
     img = ImageOps.exif_transpose(img)
     if img.mode.startswith('I') or img.mode == 'F':

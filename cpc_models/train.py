@@ -13,6 +13,7 @@ any work (ranges, model, device, data, patch grid against the image size): a bad
 line naming the option; so does data without a readable image.
 """
 import dataclasses
+import importlib.util
 import json
 import os
 import resource
@@ -20,9 +21,10 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -39,6 +41,9 @@ from .augment import PatchAugment, PatchAugmentConfig
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, resolve_checkpoint, save_checkpoint
 from .checks import check_device, check_model_name, check_out_dir, one_line
 from .data import (
+    HF_PREFIX,
+    DataPosition,
+    HFImageDataset,
     ImageFolderDataset,
     NoReadableImagesError,
     StepSampler,
@@ -46,9 +51,11 @@ from .data import (
     check_readable,
     fashion_mnist_dir,
     load_fashion_mnist,
+    load_hf_dataset,
     refill,
 )
 from .distributed import init_distributed
+from .file_index import FileIndex, default_index_dir
 from .images import collate_readable
 from .objective import CPCObjective, ObjectiveConfig, ObjectiveOutput
 from .patches import patchify
@@ -66,8 +73,8 @@ from .runtime import (
 from .schedule import warmup_cosine
 
 __all__ = ['TrainConfig', 'PRESETS', 'build_config', 'check_config', 'CPCModel', 'build_model', 'build_optimizer',
-           'StepSetup', 'build_step_setup', 'train_step', 'compile_trunk', 'compile_model', 'lr_at', 'train', 'main',
-           'NonFiniteLossError', 'NoReadableImagesError', 'latest_checkpoint']
+           'StepSetup', 'build_step_setup', 'train_step', 'compile_trunk', 'compile_model', 'peak_lr', 'lr_at', 'train',
+           'main', 'resumed_augment_seed', 'NonFiniteLossError', 'NoReadableImagesError', 'latest_checkpoint']
 
 
 # ============ config ============
@@ -79,7 +86,14 @@ class TrainConfig:
     model: str = 'cpcv2_resnet_tiny'  # timm architecture name
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (--model_args.KEY V)
     # ---- data ----
-    data: str = 'fashion-mnist'  # 'fashion-mnist' or a folder of images (recursive, labels unused)
+    # 'fashion-mnist', a folder of images (recursive, labels unused), or hf:NAME / hf:FOLDER, a Hugging Face dataset
+    # with an image column (Hub name, or a folder written by save_to_disk; needs pip install 'cpc-models[datasets]')
+    data: str = 'fashion-mnist'
+    data_split: str = 'train'  # the split of an hf: dataset
+    image_column: str = ''  # the image column of an hf: dataset; '' = its first column of type datasets.Image
+    # where the file index of a --data folder is cached (cpc_models/file_index.py): '' = <data>.cpc_file_index
+    # beside the folder, or <out-dir>/file_index where that is read-only
+    index_dir: str = ''
     data_dir: str = ''  # Fashion-MNIST IDX folder ('' = $CPC_FASHION_MNIST_DIR or the Debian package's)
     image_size: int = 0  # training crop; 0 = the model cfg's input size
     resize: int = 0  # short side before cropping (folders); 0 = image_size
@@ -87,10 +101,18 @@ class TrainConfig:
     # a local batch without a readable image is refilled from the files after it; this many unreadable in a row: stop
     max_unreadable: int = 64
     # ---- optimization ----
-    batch_size: int = 64  # global batch (split over ranks)
+    batch_size: int = 64  # global batch (split over ranks and --accum-steps micro-batches)
+    # micro-batches per optimizer step: each rank runs batch_size / (processes x accum_steps) images at a time; the
+    # InfoNCE negatives are those of one micro-batch (all ranks), not of the whole step (docs/training.md)
+    accum_steps: int = 1
     epochs: float = 1.0  # run length in passes over the data
     max_steps: int = 0  # run length in steps; 0 = from epochs
-    lr: float = 2e-3  # peak learning rate, after the linear warmup
+    lr: float = 2e-3  # peak learning rate after warmup; see --lr-ref-batch
+    lr_ref_batch: int = 0  # the global batch --lr is given for; 0 = --batch-size (no scaling)
+    # how the peak lr follows --batch-size from --lr-ref-batch: sqrt = lr * sqrt(batch / lr_ref_batch)
+    # (Krizhevsky 2014; the rule for Adam, Malladi et al. 2022), linear = lr * batch / lr_ref_batch (Goyal et al.
+    # 2017, for SGD)
+    lr_scaling: Literal['sqrt', 'linear'] = 'sqrt'
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup from lr / warmup_steps
     weight_decay: float = 1e-4  # AdamW; not applied to norms and biases
@@ -113,6 +135,8 @@ class TrainConfig:
     grad_checkpointing: Switch = 'auto'
     seed: int = 0  # data order; augmentation generator of rank r: seed * 1000 + r
     progress: bool = True  # tqdm progress bar
+    # append each step's image indices, per rank, to <out_dir>/image_ids/rank<r>.jsonl (audits the data order)
+    log_image_ids: bool = False
     # ---- checkpoint ----
     out_dir: str = 'runs/cpc'  # metrics.jsonl and checkpoints/ go here
     resume: str = 'auto'  # auto = newest checkpoint in out_dir if any; 'none'; or a checkpoint (or run) folder
@@ -127,12 +151,12 @@ PRESETS: Dict[str, Dict] = {
     'imagenet_r161': dict(
         model='cpcv2_resnet161', data='', image_size=260, resize=300, num_workers=10, batch_size=512,
         epochs=200, lr=4e-4, warmup_steps=5000, weight_decay=1e-4, grad_checkpointing='auto', save_every=2000,
-        objective=dict(directions=4), augment={}),
+        objective=dict(directions=4), augment={}, lr_ref_batch=512),
     # (b) ImageNet ResNet-50 (the paper's 63.8% model), same recipe.
     'imagenet_r50': dict(
         model='cpcv2_resnet50', data='', image_size=260, resize=300, num_workers=10, batch_size=512,
         epochs=200, lr=4e-4, warmup_steps=5000, weight_decay=1e-4, save_every=2000,
-        objective=dict(directions=4), augment={}),
+        objective=dict(directions=4), augment={}, lr_ref_batch=512),
     # (c) small images (STL-10 / CIFAR upscaled): 64 px crops, 7x7 grid of 16 px patches.
     'stl10_small': dict(
         model='cpcv2_resnet_small', data='', image_size=64, resize=72, num_workers=4, batch_size=128,
@@ -151,6 +175,48 @@ PRESETS: Dict[str, Dict] = {
         augment=dict(color_drop=0.0, jitter=1, elastic=0.0, num_ops=1, magnitude=5.0)),
 }
 DEFAULT_PRESET = 'fmnist_tiny'
+
+# Where each value a preset sets comes from: the paper (Hénaff et al. 2020, arXiv 1905.09272 v3; section) or "ours"
+# with the reason. The paper's supplementary material (optimizer, schedule, batch, epochs) could not be read from
+# this project's sources (docs/reproduce.md, "The recipe against the paper"): values marked "ours" there are unchecked.
+_PAPER_IMAGENET = dict(
+    data='the paper: ImageNet ILSVRC-2012 train (Sec. 4); given with --data',
+    image_size='ours: 260 px crops hold a 6x6 grid of the paper\'s 80 px patches at stride 36 (Sec. 4.1 fixes 80 px)',
+    resize='ours: short side 300 before the random 260 px crop (the paper does not state it in the main text)',
+    num_workers='ours: decoding at ~200 img/s per core (benchmarks/results/data_scale.md) feeds one GPU step',
+    batch_size='ours, unchecked against the appendix: 512 global',
+    lr_ref_batch='ours: --lr is given for the global batch 512; other batches scale it by --lr-scaling (sqrt)',
+    epochs='ours, unchecked against the appendix',
+    lr='ours, unchecked against the appendix: 4e-4 (AdamW) at batch 512',
+    warmup_steps='ours: linear warmup, then cosine (schedule.py)',
+    weight_decay='ours: 1e-4 on weights, none on norms and biases',
+    save_every='ours: a checkpoint every 2,000 steps bounds the work a preemption loses',
+    objective='the paper: 4 directions (Sec. 4.1, "predicting lengths and directions"); offsets, context network '
+              'and target width from the appendix pseudo-code (docs/objective.md)',
+    augment='the paper: per-patch colour dropping, flips, AutoAugment-style ops, elastic deformations, colour '
+            'transforms (Sec. 4.1); magnitudes ours (docs/augment.md)',
+)
+PRESET_SOURCES: Dict[str, Dict[str, str]] = {
+    'imagenet_r161': dict(
+        _PAPER_IMAGENET, model='the paper: ResNet-161, the headline encoder (Sec. 4.1, Table 1)',
+        grad_checkpointing='ours: auto, on only where the step would not fit the free GPU memory (runtime.checkpointing_default; full checkpointing cost 1.28x per step)'),
+    'imagenet_r50': dict(_PAPER_IMAGENET, model='the paper: ResNet-50 v2 trained with CPC, 63.8% top-1 linear (Sec. 4)'),
+    'stl10_small': dict(
+        model='ours: a small encoder for 64 px images', data='ours: e.g. STL-10 unlabeled, given with --data',
+        image_size='ours: 64 px crops, a 7x7 grid of 16 px patches', resize='ours: short side 72',
+        num_workers='ours', batch_size='ours', epochs='ours', lr='ours', warmup_steps='ours', save_every='ours',
+        objective='the paper: 4 directions (Sec. 4.1)', augment='the paper\'s per-patch ops, our magnitudes'),
+    'fmnist_tiny': dict(
+        model='ours: the CPU-sized encoder', data='ours: Fashion-MNIST train (60k), installed with the package',
+        batch_size='ours', epochs='ours', lr='ours', warmup_steps='ours', save_every='ours',
+        objective='ours: offsets 2, 3 and a smaller context network fit the 6x6 grid of 28 px images',
+        augment='ours: grayscale, so no colour dropping; milder ops for 8 px patches'),
+    'fmnist_wide': dict(
+        model='ours: the published cpcv2_resnet_tiny_wide', data='ours: Fashion-MNIST train (60k)',
+        batch_size='ours: chosen on the validation probe (results/fmnist_search/)', epochs='ours: as batch_size',
+        max_steps='ours: 4,688 steps = 10 epochs at batch 128', lr='ours: as batch_size', warmup_steps='ours',
+        save_every='ours', objective='ours: as fmnist_tiny', augment='ours: as fmnist_tiny'),
+}
 
 
 def preset_config(name: str = DEFAULT_PRESET) -> TrainConfig:
@@ -176,7 +242,8 @@ def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
     patch grid of the model on the data's images against the objective. Raises ConfigError naming the option."""
     world = world or int(os.environ.get('WORLD_SIZE', '1'))
     check_out_dir(cfg.out_dir, '--out-dir')
-    for key, low, low_open in (('batch_size', 1, False), ('epochs', 0, True), ('max_steps', 0, False),
+    for key, low, low_open in (('batch_size', 1, False), ('accum_steps', 1, False), ('lr_ref_batch', 0, False),
+                               ('epochs', 0, True), ('max_steps', 0, False),
                                ('lr', 0, True), ('warmup_steps', 0, False), ('weight_decay', 0, False),
                                ('grad_clip', 0, False), ('num_workers', 0, False), ('image_size', 0, False),
                                ('resize', 0, False), ('max_unreadable', 0, False), ('save_every', 1, False),
@@ -189,6 +256,9 @@ def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
     if cfg.batch_size % world:
         raise C.ConfigError(f'--batch-size {cfg.batch_size}: the global batch must split evenly over the {world} '
                             f'processes')
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise C.ConfigError(f'--accum-steps {cfg.accum_steps}: the global batch {cfg.batch_size} must split evenly '
+                            f'into {cfg.accum_steps} micro-batches on each of the {world} processes')
     check_device(cfg.device)
     check_model_name(cfg.model)
     fmnist = cfg.data == 'fashion-mnist'
@@ -203,6 +273,13 @@ def check_config(cfg: TrainConfig, world: Optional[int] = None) -> None:
     elif not cfg.data:
         raise C.ConfigError('--data: this preset needs a folder of training images (e.g. ImageNet\'s train/), or '
                             '--data fashion-mnist')
+    elif cfg.data.startswith(HF_PREFIX):
+        if importlib.util.find_spec('datasets') is None:
+            raise C.ConfigError(f"--data {cfg.data}: Hugging Face datasets need the `datasets` package: pip install "
+                                f"'cpc-models[datasets]'")
+        if not cfg.data[len(HF_PREFIX):]:
+            raise C.ConfigError('--data hf:: give a Hub dataset name (hf:ILSVRC/imagenet-1k) or a folder written by '
+                                'save_to_disk (hf:/data/my_dataset)')
     elif not Path(cfg.data).is_dir():
         raise C.ConfigError(f'--data {cfg.data}: no such folder (give a folder of JPEG/PNG images, searched '
                             f'recursively, or fashion-mnist)')
@@ -328,9 +405,19 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.AdamW:
         lr=cfg.lr, betas=tuple(cfg.betas), fused=next(model.parameters()).device.type == 'cuda')
 
 
+def peak_lr(cfg: TrainConfig) -> float:
+    """The peak learning rate of the run: ``lr``, given for the global batch ``lr_ref_batch``, scaled to
+    ``batch_size`` by ``lr_scaling`` (sqrt: lr * sqrt(batch / lr_ref_batch); linear: lr * batch / lr_ref_batch);
+    ``lr`` when ``lr_ref_batch`` is 0."""
+    if not cfg.lr_ref_batch or cfg.lr_ref_batch == cfg.batch_size:
+        return cfg.lr
+    ratio = cfg.batch_size / cfg.lr_ref_batch
+    return cfg.lr * (ratio ** 0.5 if cfg.lr_scaling == 'sqrt' else ratio)
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio (schedule.warmup_cosine)."""
-    return warmup_cosine(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+    """Linear warmup, then cosine decay to peak_lr * min_lr_ratio (schedule.warmup_cosine)."""
+    return warmup_cosine(step, total_steps, cfg.warmup_steps, peak_lr(cfg), cfg.min_lr_ratio)
 
 
 @dataclass
@@ -355,30 +442,45 @@ def build_step_setup(cfg: TrainConfig, encoder: nn.Module, device: torch.device,
         channels_last=use_channels_last(cfg, device), bf16=use_bf16(cfg, device), grad_clip=cfg.grad_clip)
 
 
-def train_step(model: nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, setup: StepSetup,
-               lr: float) -> Tuple[ObjectiveOutput, torch.Tensor]:
+def train_step(model: nn.Module, images: Union[torch.Tensor, Sequence[torch.Tensor]], optimizer: torch.optim.Optimizer,
+               setup: StepSetup, lr: float) -> Tuple[ObjectiveOutput, torch.Tensor]:
     """One optimizer step on uint8 images (B, C, H, W): patchify -> PatchAugment (every patch its own draw) ->
     normalize -> encoder.forward_patches -> CPCObjective -> backward -> clip -> AdamW at learning rate ``lr``.
+
+    ``images`` may be the step's k micro-batches (gradient accumulation, ``--accum-steps``): each goes through the
+    model on its own, so its InfoNCE negatives are the images of that micro-batch (all ranks'); each loss is scaled
+    by 1/k and the gradients add up, giving the gradient of the mean of the k micro-batch losses; DDP synchronizes
+    once, after the last. The returned loss and metrics are the means over the micro-batches.
 
     ``model`` is a :class:`CPCModel`, or one wrapped in DistributedDataParallel. Returns the objective's output
     and the gradient norm before clipping, as tensors on the device: nothing here waits for the device.
     """
     core = model.module if isinstance(model, DistributedDataParallel) else model
+    micro = [images] if isinstance(images, torch.Tensor) else list(images)
     for g in optimizer.param_groups:
         g['lr'] = lr
     device = setup.mean.device
-    with record_function('cpc::augment'):
-        x = images.to(device, non_blocking=True).float().div_(255)
-        p = patchify(x, core.encoder.patch_size, core.encoder.patch_stride)  # (B, R, W, C, P, P)
-        flat = setup.augment(p.reshape(-1, *p.shape[3:]), setup.generator)  # (B * R * W, C, P, P)
-        flat = (flat - setup.mean) / setup.std
-        if setup.channels_last:
-            flat = flat.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.bf16):
-        out = model(flat.view(*p.shape[:3], *flat.shape[1:]))
-    with record_function('cpc::backward'):
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    outs = []
+    for j, batch in enumerate(micro):
+        with record_function('cpc::augment'):
+            x = batch.to(device, non_blocking=True).float().div_(255)
+            p = patchify(x, core.encoder.patch_size, core.encoder.patch_stride)  # (B, R, W, C, P, P)
+            flat = setup.augment(p.reshape(-1, *p.shape[3:]), setup.generator)  # (B * R * W, C, P, P)
+            flat = (flat - setup.mean) / setup.std
+            if setup.channels_last:
+                flat = flat.contiguous(memory_format=torch.channels_last)
+        last = j == len(micro) - 1
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.bf16):
+                out = model(flat.view(*p.shape[:3], *flat.shape[1:]))
+            with record_function('cpc::backward'):
+                (out.loss / len(micro) if len(micro) > 1 else out.loss).backward()
+        outs.append(out)
+    if len(outs) > 1:
+        out = ObjectiveOutput(torch.stack([o.loss.detach() for o in outs]).mean(),
+                              {k: torch.stack([o.metrics[k] for o in outs]).mean() for k in outs[0].metrics})
     with record_function('cpc::optimizer'):
         grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), setup.grad_clip or float('inf'))
         optimizer.step()
@@ -391,7 +493,57 @@ def _dataset(cfg: TrainConfig, in_chans: int, img_size: int):
     if cfg.data == 'fashion-mnist':
         images, _ = load_fashion_mnist('train', cfg.data_dir or None)
         return TensorImageDataset(images.expand(-1, in_chans, -1, -1) if in_chans != 1 else images)
-    return ImageFolderDataset(cfg.data, img_size, in_chans, resize=cfg.resize or None, train=True)
+    if cfg.data.startswith(HF_PREFIX):
+        source = cfg.data[len(HF_PREFIX):]
+        dataset = _one_per_node_first(lambda first: load_hf_dataset(source, cfg.data_split))  # the Hub download once
+        return HFImageDataset(dataset, img_size, in_chans, resize=cfg.resize or None, train=True,
+                              image_column=cfg.image_column, root=cfg.data)
+    return ImageFolderDataset(cfg.data, img_size, in_chans, resize=cfg.resize or None, train=True,
+                              index=shared_file_index(cfg.data, index_location(cfg)))
+
+
+def index_location(cfg: TrainConfig) -> Path:
+    """Where the file index of ``cfg.data`` is cached: ``--index-dir``, else beside the data, else (a read-only
+    data folder) in the run folder."""
+    if cfg.index_dir:
+        return Path(cfg.index_dir)
+    beside = default_index_dir(cfg.data)
+    writable = os.access(beside if beside.exists() else beside.parent, os.W_OK)
+    return beside if writable else Path(cfg.out_dir) / 'file_index'
+
+
+def _one_per_node_first(load):
+    """``load(first)`` on the first process of each node (LOCAL_RANK 0, ``first=True``) while the others wait, then
+    on the others (``first=False``): what the first one builds or downloads, the others read. A failure of the
+    first is raised on every rank alike (as FileNotFoundError or ValueError)."""
+    if not torch.distributed.is_initialized():
+        return load(True)
+    first = os.environ.get('LOCAL_RANK', '0') == '0'
+    result, error = None, None
+    if first:
+        try:
+            result = load(True)
+        except (OSError, ValueError, ImportError) as e:
+            error = (type(e).__name__, str(e))
+    errors: List[Optional[Tuple[str, str]]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)  # also the barrier: what the first ones wrote is there now
+    failed = next((e for e in errors if e), None)
+    if failed:
+        raise (FileNotFoundError if failed[0] in ('FileNotFoundError', 'NotADirectoryError') else ValueError)(failed[1])
+    return result if first else load(False)
+
+
+def shared_file_index(root: str, location: Path) -> FileIndex:
+    """The file index of ``root``, built once per machine: the first process of each node reuses or builds the
+    cached index at ``location`` while the others wait, then every process memory-maps it."""
+    def load(first: bool) -> FileIndex:
+        if first:
+            return FileIndex.open(root, location)
+        try:
+            return FileIndex.open(root, location, build=False)
+        except FileNotFoundError:  # the first could not write it (read-only location): scan here too
+            return FileIndex.scan(root)
+    return _one_per_node_first(load)
 
 
 # ============ bookkeeping ============
@@ -543,30 +695,43 @@ def train(cfg: TrainConfig) -> Dict:
     optimizer = build_optimizer(cfg, model)
 
     # ============ resume ============
-    step, wall_before = 0, 0.0
+    step, wall_before, position = 0, 0.0, None
     resume_from = _resume_source(cfg)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.encoder, model.objective, device)
         optimizer.load_state_dict(state['optimizer'])
         torch.set_rng_state(state['rng_cpu'])
-        if len(state['rng_aug']) != world:
-            raise ValueError(f'{resume_from} was written by {len(state["rng_aug"])} process(es); resume it with '
-                             f'the same number (now {world}) to continue exactly.')
-        setup.generator.set_state(state['rng_aug'][rank])
+        step = state['step']
+        saved_world = len(state['rng_aug'])
+        if saved_world == world:
+            setup.generator.set_state(state['rng_aug'][rank])
+        else:  # elastic resume: the per-rank augmentation streams start afresh, seeded by rank and step
+            setup.generator.manual_seed(resumed_augment_seed(cfg.seed, rank, step))
         if 'rng_cuda' in state and device.type == 'cuda':
             torch.cuda.set_rng_state_all(state['rng_cuda'])
-        step = state['step']
+        if 'data_epoch' in state:  # the place in the global image stream (older checkpoints: from the step)
+            position = DataPosition(int(state['data_epoch']), int(state['data_offset']))
         wall_before = float(state.get('wall_time_s', 0.0))
         if main_process:
-            print(f'resumed from {resume_from} at step {step}')
+            print(f'resumed from {resume_from} at step {step}'
+                  + (f' (written by {saved_world} process(es), now {world}: same image order, augmentation '
+                     f'streams reseeded)' if saved_world != world else ''))
+            if int(state.get('data_size', len(dataset))) != len(dataset):
+                print(f'warning: the data has {len(dataset)} images, the checkpoint\'s run had '
+                      f'{int(state["data_size"])}: the image order differs from the interrupted run\'s',
+                      file=sys.stderr)
             changed = _config_changes(json.loads((resume_from / 'config.json').read_text()), cfg)
             if changed:  # e.g. a longer --max-steps is fine; a different model or lr changes the run
                 print('warning: the resumed run differs from the checkpoint\'s config in '
                       + ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items()), file=sys.stderr)
             _trim_log(out_dir / 'metrics.jsonl', step)
+            for ids_log in (out_dir / 'image_ids').glob('rank*.jsonl'):  # every rank's, of any earlier world
+                _trim_log(ids_log, step)
 
-    sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, start_step=step)
-    local_batch = cfg.batch_size // world
+    sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, start_step=step, position=position,
+                          accum_steps=cfg.accum_steps)
+    position = sampler.position
+    local_batch = cfg.batch_size // (world * cfg.accum_steps)  # images per rank and micro-batch
     total_steps = cfg.max_steps or int(cfg.epochs * sampler.steps_per_epoch)
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_readable, num_workers=cap_workers(cfg.num_workers),
@@ -613,11 +778,18 @@ def train(cfg: TrainConfig) -> Dict:
     stats = StepStats(device, world)
     log_file = open(out_dir / 'metrics.jsonl', 'a') if main_process else None
     bar = tqdm(total=total_steps, initial=step, disable=not (main_process and cfg.progress), desc='cpc-train')
+    ids_log = None
+    if cfg.log_image_ids:
+        (out_dir / 'image_ids').mkdir(parents=True, exist_ok=True)
+        ids_log = open(out_dir / 'image_ids' / f'rank{rank}.jsonl', 'a')
     t_start = t_last = time.perf_counter()
     images_since = 0
+    micro: List[torch.Tensor] = []  # this step's micro-batches so far (--accum-steps), their image ids and flags
+    micro_ids: List[int] = []
+    micro_unreadable, micro_no_images = 0, False
     model.train()
     try:
-        for batch, _, unreadable in loader:
+        for batch, ids, unreadable in loader:
             if step >= total_steps:
                 break
             if batch is None:  # no readable image in this rank's slice: refill from the files that follow
@@ -636,10 +808,22 @@ def train(cfg: TrainConfig) -> Dict:
             if world > 1 and batch.shape[0] < local_batch:  # unreadable images: refill so every rank has the same
                 batch = batch[torch.arange(local_batch) % batch.shape[0]]  # shape (the target gather needs it)
             last_batch = batch
-            out, grad_norm = train_step(ddp_model, batch, optimizer, setup, lr_at(step, cfg, total_steps))
-            stats.update(step, out, len(unreadable), stop['signal'] is not None, no_images)
+            micro.append(batch)
+            micro_ids += ids
+            micro_unreadable += len(unreadable)
+            micro_no_images |= no_images
+            if len(micro) < cfg.accum_steps:
+                continue
+            out, grad_norm = train_step(ddp_model, micro if len(micro) > 1 else batch, optimizer, setup,
+                                        lr_at(step, cfg, total_steps))
+            stats.update(step, out, micro_unreadable, stop['signal'] is not None, micro_no_images)
             step += 1
-            images_since += batch.shape[0] * world
+            position = sampler.advance(position)
+            images_since += sum(m.shape[0] for m in micro) * world
+            if ids_log is not None:
+                ids_log.write(json.dumps(dict(step=step, ids=micro_ids)) + '\n')
+                ids_log.flush()
+            micro, micro_ids, micro_unreadable, micro_no_images = [], [], 0, False
             bar.update(1)
 
             log_now = step % cfg.log_every == 0 or step == total_steps
@@ -665,7 +849,8 @@ def train(cfg: TrainConfig) -> Dict:
             if log_now and main_process:
                 dt = time.perf_counter() - t_last
                 metrics = dict(
-                    step=step, epoch=step / sampler.steps_per_epoch, **stats.values(out.metrics),
+                    step=step, epoch=position.epoch + position.offset / (sampler.steps_per_epoch * cfg.batch_size),
+                    **stats.values(out.metrics),
                     lr=optimizer.param_groups[0]['lr'], grad_norm=float(grad_norm),
                     images_per_s=images_since / dt, patches_per_s=images_since * rows * cols / dt,
                     memory_mb=_memory_mb(device), skipped_images=skipped_total,
@@ -682,7 +867,8 @@ def train(cfg: TrainConfig) -> Dict:
                     torch.distributed.all_gather_object(aug_states, setup.generator.get_state().cpu())
                 if main_process:
                     state = dict(step=step, optimizer=optimizer.state_dict(), rng_cpu=torch.get_rng_state(),
-                                 rng_aug=aug_states, wall_time_s=wall_before + time.perf_counter() - t_start)
+                                 rng_aug=aug_states, wall_time_s=wall_before + time.perf_counter() - t_start,
+                                 data_epoch=position.epoch, data_offset=position.offset, data_size=len(dataset))
                     if torch.cuda.is_available():
                         state['rng_cuda'] = torch.cuda.get_rng_state_all()
                     last_ckpt = save_checkpoint(out_dir, step, model.encoder, model.objective, state,
@@ -703,11 +889,20 @@ def train(cfg: TrainConfig) -> Dict:
         bar.close()
         if log_file:
             log_file.close()
+        if ids_log:
+            ids_log.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
     if skipped_total and main_process:
         print(f'skipped {skipped_total} unreadable images')
     return dict(metrics, step=step, checkpoint=str(last_ckpt) if last_ckpt else None, stopped=stop['signal'])
+
+
+def resumed_augment_seed(seed: int, rank: int, step: int) -> int:
+    """The augmentation seed of rank ``rank`` in a run resumed at ``step`` on another number of processes than the
+    checkpoint's (the per-rank streams cannot carry over): deterministic, so resuming the same checkpoint on the
+    same number of processes twice draws the same augmentations, and apart from the streams of a fresh start."""
+    return (seed * 1000 + rank) * 1_000_003 + step + 1
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -751,7 +946,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'cpc-train: error: {one_line(e)}', file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:  # the data or the checkpoint: say what to change
-        print(f'cpc-train: error: {"" if world == 1 else f"[rank {rank}] "}{one_line(e)}', file=sys.stderr)
+        # one write per line (print writes the text and the newline separately when unbuffered): the ranks share
+        # the launcher's stderr, and their lines must not interleave
+        sys.stderr.write(f'cpc-train: error: {"" if world == 1 else f"[rank {rank}] "}{one_line(e)}\n')
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt as e:
         if rank == 0:

@@ -2,6 +2,7 @@
 are a real subset shipped in tests/data (see make_fashion_mnist_subset.py), written out as IDX files for the real
 loader; the full dataset is only needed to reproduce the published results."""
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,15 @@ import pytest
 from safetensors.numpy import load_file
 
 FMNIST_SUBSET = Path(__file__).parent / 'data' / 'fashion_mnist_subset.safetensors'
+
+
+def worker_env() -> dict:
+    """The environment for a launched run (torchrun and its workers): one torch thread, no GPU, unbuffered output,
+    and no process-group variables of an enclosing launcher."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(var, None)
+    return env
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

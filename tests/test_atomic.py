@@ -36,6 +36,17 @@ def test_atomic_dir(tmp_path):
     with pytest.raises(FileExistsError, match='already exists'):
         with atomic_dir(final, overwrite=False):
             pass
+    # without overwrite, a folder another process creates while this one is written is kept (e.g. two nodes
+    # building one file index): the rename fails instead of replacing it
+    other = tmp_path / 'other'
+    with pytest.raises(OSError):
+        with atomic_dir(other, overwrite=False) as tmp:
+            (tmp / 'mine').write_text('1')
+            other.mkdir()
+            (other / 'theirs').write_text('2')
+    assert [p.name for p in other.iterdir()] == ['theirs']
+    other_tmp = [p.name for p in tmp_path.iterdir() if p.name.startswith('.other')]
+    assert other_tmp == []  # no temporary or old folder left
     with atomic_dir(tmp_path / 'named', tmp_name='.partial_1') as tmp:
         assert tmp.name == '.partial_1'
 
