@@ -199,7 +199,8 @@ _PAPER_IMAGENET = dict(
 PRESET_SOURCES: Dict[str, Dict[str, str]] = {
     'imagenet_r161': dict(
         _PAPER_IMAGENET, model='the paper: ResNet-161, the headline encoder (Sec. 4.1, Table 1)',
-        grad_checkpointing='ours: auto, on only where the step would not fit the free GPU memory (runtime.checkpointing_default; full checkpointing cost 1.28x per step)'),
+        grad_checkpointing='ours: auto, on only where the step would not fit the free GPU memory '
+                           '(runtime.checkpointing_default; full checkpointing made the step 1.28x slower)'),
     'imagenet_r50': dict(_PAPER_IMAGENET, model='the paper: ResNet-50 v2 trained with CPC, 63.8% top-1 linear (Sec. 4)'),
     'stl10_small': dict(
         model='ours: a small encoder for 64 px images', data='ours: e.g. STL-10 unlabeled, given with --data',

@@ -416,9 +416,10 @@ def _demo(argv):
     (eval_cli.main, ['plot', 'dir', '--readm', 'x.md'], 'cpc-eval', 'unknown option --readm (did you mean --readme?)'),
     # 4: was "invalid choice: 'prob' (choose from 'plot', 'merge')"
     (eval_cli.main, ['prob'], 'cpc-eval', "unknown command 'prob' (did you mean probe?); choose from figure1, probe, "
-                                          "plot, merge"),
+                                          "linear, plot, merge"),
+    (eval_cli.main, ['linaer'], 'cpc-eval', "unknown command 'linaer' (did you mean linear?)"),
     (eval_cli.main, ['figure'], 'cpc-eval', "unknown command 'figure' (did you mean figure1?)"),
-    (eval_cli.main, [], 'cpc-eval', 'give a command: figure1, probe, plot, merge'),
+    (eval_cli.main, [], 'cpc-eval', 'give a command: figure1, probe, linear, plot, merge'),
     (hub.main, [], 'python -m cpc_models.hub', 'the following arguments are required: cmd'),
     (hub.main, ['exprt'], 'python -m cpc_models.hub', "unknown command 'exprt' (did you mean export?); choose from "
                                                      "export, push, cache"),
