@@ -33,6 +33,10 @@ __all__ = ['COLOR_OPS', 'GEOMETRIC_OPS', 'SUPPORTED_OPS', 'PatchAugment', 'Patch
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 _SIGNED = set(GEOMETRIC_OPS)  # timm draws a random sign for these (_randomly_negate)
 _ENHANCE = ('Color', 'Contrast', 'Brightness', 'Sharpness')
+# Colour ops with an argument that leaves a patch in [0, 1] exactly as it is (factor 1, a threshold above 1, an addend
+# 0): on the masked path they take it where a patch is not drawn instead of a torch.where over the whole batch.
+_MASK_BY_ARGUMENT = frozenset({'Solarize', 'SolarizeIncreasing', 'SolarizeAdd'} | set(_ENHANCE)
+                              | {n + 'Increasing' for n in _ENHANCE})
 COLOR_OPS = (
     'AutoContrast', 'Equalize', 'Invert',
     'Posterize', 'PosterizeIncreasing', 'PosterizeOriginal',
@@ -299,6 +303,9 @@ class PatchAugment(nn.Module):
             for k, name in enumerate(self._ops):
                 if name in GEOMETRIC_OPS:
                     continue
+                if masked and name in _MASK_BY_ARGUMENT:
+                    x = self._color_op(name, x, levels[k], neg, on=sel[:, k])
+                    continue
                 if masked:
                     x = torch.where(sel[:, k].view(n, 1, 1, 1), self._color_op(name, x, levels[k], neg), x)
                     continue
@@ -408,9 +415,11 @@ class PatchAugment(nn.Module):
             f = nnf.interpolate(f / s, size=(p, p), mode='bilinear', align_corners=False)
         return f * (cfg.elastic_alpha / p)
 
-    def _color_op(self, name: str, x: torch.Tensor, level: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    def _color_op(self, name: str, x: torch.Tensor, level: torch.Tensor, neg: torch.Tensor,
+                  on: torch.Tensor | None = None) -> torch.Tensor:
         """One timm AutoAugment colour primitive on a group of patches (n, C, P, P) with per-patch arguments
-        ``level`` (n,) (timm's mapping of each patch's magnitude; :meth:`_slot`)."""
+        ``level`` (n,) (timm's mapping of each patch's magnitude; :meth:`_slot`). ``on`` (n,) bool, for the ops in
+        ``_MASK_BY_ARGUMENT``: patches where it is False get the argument that returns them unchanged, bit for bit."""
         if name == 'AutoContrast':
             return _autocontrast(x)
         if name == 'Equalize':
@@ -423,13 +432,20 @@ class PatchAugment(nn.Module):
             step = 2.0 ** (8 - bits)
             return torch.floor(torch.floor(x * 255 + 0.5) / step) * step / 255
         if name in ('Solarize', 'SolarizeIncreasing'):  # invert pixels >= threshold (8-bit scale)
-            thr = (v / 255).view(-1, 1, 1, 1)
-            return torch.where(x >= thr, 1.0 - x, x)
+            thr = v / 255
+            if on is not None:  # above every pixel: nothing inverted
+                thr = torch.where(on, thr, 2.0)
+            return torch.where(x >= thr.view(-1, 1, 1, 1), 1.0 - x, x)
         if name == 'SolarizeAdd':  # add to pixels < 128
-            return torch.where(x < 128 / 255, (x + (v / 255).view(-1, 1, 1, 1)).clamp(max=1), x)
+            add = v / 255
+            if on is not None:  # x + 0, clamped at 1
+                add = torch.where(on, add, 0.0)
+            return torch.where(x < 128 / 255, (x + add.view(-1, 1, 1, 1)).clamp(max=1), x)
         base = name.removesuffix('Increasing')
         if name != base:
             v = (1.0 + torch.where(neg, -v, v)).clamp(min=0.1)
+        if on is not None:  # lerp(d, x, 1) is x exactly (torch's lerp computes x - (x - d) * 0 for weights >= 0.5)
+            v = torch.where(on, v, 1.0)
         # degenerate images as torchvision computes them (factor 0), blended per patch. Brightness, Contrast and Color
         # pass theirs unexpanded: torchvision's factor-0 blend, clamp(0 * x + d), is d itself for x in [0, 1] (a
         # zero, the grayscale mean, the grayscale map), the same values without writing or reading a full-size image
