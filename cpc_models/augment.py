@@ -35,7 +35,7 @@ _SIGNED = set(GEOMETRIC_OPS)  # timm draws a random sign for these (_randomly_ne
 _ENHANCE = ('Color', 'Contrast', 'Brightness', 'Sharpness')
 # Colour ops with an argument that leaves a patch in [0, 1] exactly as it is (factor 1, a threshold above 1, an addend
 # 0): on the masked path they take it where a patch is not drawn instead of a torch.where over the whole batch.
-_MASK_BY_ARGUMENT = frozenset({'Solarize', 'SolarizeIncreasing', 'SolarizeAdd'} | set(_ENHANCE)
+_MASK_BY_ARGUMENT = frozenset({'AutoContrast', 'Invert', 'Solarize', 'SolarizeIncreasing', 'SolarizeAdd'} | set(_ENHANCE)
                               | {n + 'Increasing' for n in _ENHANCE})
 COLOR_OPS = (
     'AutoContrast', 'Equalize', 'Invert',
@@ -179,12 +179,15 @@ def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> t
     return torch.lerp(degenerate, x, factor.to(x.dtype).view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+def _autocontrast(x: torch.Tensor, on: torch.Tensor | None = None) -> torch.Tensor:
     """torchvision's autocontrast of float images in [0, 1], same arithmetic, with torch.where where torchvision
-    assigns through a boolean mask (a host sync on CUDA)."""
+    assigns through a boolean mask (a host sync on CUDA). ``on`` (n,) bool: patches where False are left as they
+    are ((x - 0) / 1, as for a flat channel)."""
     lo = x.amin(dim=(-2, -1), keepdim=True)
     hi = x.amax(dim=(-2, -1), keepdim=True)
     flat = hi == lo
+    if on is not None:
+        flat = flat | ~on.view(-1, 1, 1, 1)
     scale = torch.where(flat, torch.ones_like(hi), hi - lo)
     return (x - torch.where(flat, torch.zeros_like(lo), lo)).div_(scale).clamp_(0, 1)
 
@@ -421,11 +424,15 @@ class PatchAugment(nn.Module):
         ``level`` (n,) (timm's mapping of each patch's magnitude; :meth:`_slot`). ``on`` (n,) bool, for the ops in
         ``_MASK_BY_ARGUMENT``: patches where it is False get the argument that returns them unchanged, bit for bit."""
         if name == 'AutoContrast':
-            return _autocontrast(x)
+            return _autocontrast(x, on)
         if name == 'Equalize':
             return TF.equalize(x)
         if name == 'Invert':
-            return 1.0 - x
+            if on is None:
+                return 1.0 - x
+            # o + x * s: 1 + x * -1 = 1 - x exactly where drawn, 0 + x * 1 = x elsewhere, in one pass
+            sign = torch.where(on, -1.0, 1.0).to(x.dtype).view(-1, 1, 1, 1)
+            return torch.addcmul(torch.where(on, 1.0, 0.0).to(x.dtype).view(-1, 1, 1, 1), x, sign)
         v = level.to(x.dtype)
         if name.startswith('Posterize'):  # PIL posterize on 8-bit values: keep `bits` MSBs
             bits = v.round().clamp(0, 8).view(-1, 1, 1, 1)

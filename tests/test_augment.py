@@ -568,7 +568,7 @@ def test_ops_masked_by_their_argument_equal_the_where_bit_for_bit(c, dtype):
     on = torch.rand(48, generator=gen(1)) < 0.5
     neg = torch.rand(48, generator=gen(2)) < 0.5
     aug = PatchAugment(aa('Brightness', 5.0))
-    assert {'SolarizeIncreasing', 'SolarizeAdd', 'SharpnessIncreasing', 'Contrast'} <= _MASK_BY_ARGUMENT
+    assert {'AutoContrast', 'Invert', 'SolarizeIncreasing', 'SolarizeAdd', 'SharpnessIncreasing', 'Contrast'} <= _MASK_BY_ARGUMENT
     for name in sorted(_MASK_BY_ARGUMENT):
         level = torch.rand(48, generator=gen(3)) * (255 if name.startswith('Solarize') else 0.9)
         where = torch.where(on.view(-1, 1, 1, 1), aug._color_op(name, x, level, neg), x)
