@@ -205,7 +205,8 @@ class PatchAugment(nn.Module):
     device. Same generator state -> same output (on one device). No learnable state.
 
     ``masked``: how a random subset of patches gets an op. True: every op runs on every patch and ``torch.where``
-    keeps it where drawn, so no step waits for the device (no ``nonzero``, ``.item()`` or data-dependent shape).
+    keeps it where drawn, so no step waits for the device (no ``nonzero``, ``.item()`` or data-dependent shape);
+    ops with an argument that leaves a patch unchanged (``_MASK_BY_ARGUMENT``) take it instead of the where.
     False: each op runs only on its own patches (``index_select`` / ``index_copy_``), less arithmetic but one host
     sync per op group. None (default): False on the CPU (a sync costs nothing there), True on other devices.
     Both give the same pixels for the same draws; the draws differ only with elastic deformations: the masked way
