@@ -33,6 +33,10 @@ __all__ = ['COLOR_OPS', 'GEOMETRIC_OPS', 'SUPPORTED_OPS', 'PatchAugment', 'Patch
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 _SIGNED = set(GEOMETRIC_OPS)  # timm draws a random sign for these (_randomly_negate)
 _ENHANCE = ('Color', 'Contrast', 'Brightness', 'Sharpness')
+# Colour ops with an argument that leaves a patch in [0, 1] exactly as it is (factor 1, a threshold above 1, an addend
+# 0): on the masked path they take it where a patch is not drawn instead of a torch.where over the whole batch.
+_MASK_BY_ARGUMENT = frozenset({'AutoContrast', 'Invert', 'Solarize', 'SolarizeIncreasing', 'SolarizeAdd'} | set(_ENHANCE)
+                              | {n + 'Increasing' for n in _ENHANCE})
 COLOR_OPS = (
     'AutoContrast', 'Equalize', 'Invert',
     'Posterize', 'PosterizeIncreasing', 'PosterizeOriginal',
@@ -175,12 +179,15 @@ def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> t
     return torch.lerp(degenerate, x, factor.to(x.dtype).view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+def _autocontrast(x: torch.Tensor, on: torch.Tensor | None = None) -> torch.Tensor:
     """torchvision's autocontrast of float images in [0, 1], same arithmetic, with torch.where where torchvision
-    assigns through a boolean mask (a host sync on CUDA)."""
+    assigns through a boolean mask (a host sync on CUDA). ``on`` (n,) bool: patches where False are left as they
+    are ((x - 0) / 1, as for a flat channel)."""
     lo = x.amin(dim=(-2, -1), keepdim=True)
     hi = x.amax(dim=(-2, -1), keepdim=True)
     flat = hi == lo
+    if on is not None:
+        flat = flat | ~on.view(-1, 1, 1, 1)
     scale = torch.where(flat, torch.ones_like(hi), hi - lo)
     return (x - torch.where(flat, torch.zeros_like(lo), lo)).div_(scale).clamp_(0, 1)
 
@@ -198,7 +205,8 @@ class PatchAugment(nn.Module):
     device. Same generator state -> same output (on one device). No learnable state.
 
     ``masked``: how a random subset of patches gets an op. True: every op runs on every patch and ``torch.where``
-    keeps it where drawn, so no step waits for the device (no ``nonzero``, ``.item()`` or data-dependent shape).
+    keeps it where drawn, so no step waits for the device (no ``nonzero``, ``.item()`` or data-dependent shape);
+    ops with an argument that leaves a patch unchanged (``_MASK_BY_ARGUMENT``) take it instead of the where.
     False: each op runs only on its own patches (``index_select`` / ``index_copy_``), less arithmetic but one host
     sync per op group. None (default): False on the CPU (a sync costs nothing there), True on other devices.
     Both give the same pixels for the same draws; the draws differ only with elastic deformations: the masked way
@@ -298,6 +306,9 @@ class PatchAugment(nn.Module):
         for sel, levels, neg in slots:
             for k, name in enumerate(self._ops):
                 if name in GEOMETRIC_OPS:
+                    continue
+                if masked and name in _MASK_BY_ARGUMENT:
+                    x = self._color_op(name, x, levels[k], neg, on=sel[:, k])
                     continue
                 if masked:
                     x = torch.where(sel[:, k].view(n, 1, 1, 1), self._color_op(name, x, levels[k], neg), x)
@@ -408,28 +419,41 @@ class PatchAugment(nn.Module):
             f = nnf.interpolate(f / s, size=(p, p), mode='bilinear', align_corners=False)
         return f * (cfg.elastic_alpha / p)
 
-    def _color_op(self, name: str, x: torch.Tensor, level: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    def _color_op(self, name: str, x: torch.Tensor, level: torch.Tensor, neg: torch.Tensor,
+                  on: torch.Tensor | None = None) -> torch.Tensor:
         """One timm AutoAugment colour primitive on a group of patches (n, C, P, P) with per-patch arguments
-        ``level`` (n,) (timm's mapping of each patch's magnitude; :meth:`_slot`)."""
+        ``level`` (n,) (timm's mapping of each patch's magnitude; :meth:`_slot`). ``on`` (n,) bool, for the ops in
+        ``_MASK_BY_ARGUMENT``: patches where it is False get the argument that returns them unchanged, bit for bit."""
         if name == 'AutoContrast':
-            return _autocontrast(x)
+            return _autocontrast(x, on)
         if name == 'Equalize':
             return TF.equalize(x)
         if name == 'Invert':
-            return 1.0 - x
+            if on is None:
+                return 1.0 - x
+            # o + x * s: 1 + x * -1 = 1 - x exactly where drawn, 0 + x * 1 = x elsewhere, in one pass
+            sign = torch.where(on, -1.0, 1.0).to(x.dtype).view(-1, 1, 1, 1)
+            return torch.addcmul(torch.where(on, 1.0, 0.0).to(x.dtype).view(-1, 1, 1, 1), x, sign)
         v = level.to(x.dtype)
         if name.startswith('Posterize'):  # PIL posterize on 8-bit values: keep `bits` MSBs
             bits = v.round().clamp(0, 8).view(-1, 1, 1, 1)
             step = 2.0 ** (8 - bits)
             return torch.floor(torch.floor(x * 255 + 0.5) / step) * step / 255
         if name in ('Solarize', 'SolarizeIncreasing'):  # invert pixels >= threshold (8-bit scale)
-            thr = (v / 255).view(-1, 1, 1, 1)
-            return torch.where(x >= thr, 1.0 - x, x)
+            thr = v / 255
+            if on is not None:  # above every pixel: nothing inverted
+                thr = torch.where(on, thr, 2.0)
+            return torch.where(x >= thr.view(-1, 1, 1, 1), 1.0 - x, x)
         if name == 'SolarizeAdd':  # add to pixels < 128
-            return torch.where(x < 128 / 255, (x + (v / 255).view(-1, 1, 1, 1)).clamp(max=1), x)
+            add = v / 255
+            if on is not None:  # x + 0, clamped at 1
+                add = torch.where(on, add, 0.0)
+            return torch.where(x < 128 / 255, (x + add.view(-1, 1, 1, 1)).clamp(max=1), x)
         base = name.removesuffix('Increasing')
         if name != base:
             v = (1.0 + torch.where(neg, -v, v)).clamp(min=0.1)
+        if on is not None:  # lerp(d, x, 1) is x exactly (torch's lerp computes x - (x - d) * 0 for weights >= 0.5)
+            v = torch.where(on, v, 1.0)
         # degenerate images as torchvision computes them (factor 0), blended per patch. Brightness, Contrast and Color
         # pass theirs unexpanded: torchvision's factor-0 blend, clamp(0 * x + d), is d itself for x in [0, 1] (a
         # zero, the grayscale mean, the grayscale map), the same values without writing or reading a full-size image

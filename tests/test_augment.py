@@ -573,6 +573,26 @@ def test_unexpanded_degenerate_images_blend_bit_for_bit_like_torchvisions(c):
         assert torch.equal(aug._color_op(name, x, f, torch.zeros(32, dtype=torch.bool)), ref), (name, c)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('c', [3, 1])
+def test_ops_masked_by_their_argument_equal_the_where_bit_for_bit(c, dtype):
+    """On the masked path Solarize, SolarizeAdd and the enhance ops leave undrawn patches alone through their argument
+    (threshold above 1, addend 0, factor 1), not a torch.where over the batch: the same pixels exactly."""
+    from cpc_models.augment import _MASK_BY_ARGUMENT
+    x = patches(48, c, 8).to(dtype)
+    x[0], x[1], x[2, :, :4] = 0.0, 1.0, 1.0
+    on = torch.rand(48, generator=gen(1)) < 0.5
+    neg = torch.rand(48, generator=gen(2)) < 0.5
+    aug = PatchAugment(aa('Brightness', 5.0))
+    assert {'AutoContrast', 'Invert', 'SolarizeIncreasing', 'SolarizeAdd', 'SharpnessIncreasing', 'Contrast'} <= _MASK_BY_ARGUMENT
+    for name in sorted(_MASK_BY_ARGUMENT):
+        level = torch.rand(48, generator=gen(3)) * (255 if name.startswith('Solarize') else 0.9)
+        where = torch.where(on.view(-1, 1, 1, 1), aug._color_op(name, x, level, neg), x)
+        folded = aug._color_op(name, x, level, neg, on=on)
+        assert torch.equal(folded, where), name
+        assert not torch.equal(folded, x) or (c == 1 and name.startswith('Color')), name  # the op did something
+
+
 def test_enhance_ops_on_tiny_and_one_channel_patches():
     for p in (2, 3):
         x = patches(8, 3, p)
