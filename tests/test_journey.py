@@ -1,11 +1,12 @@
 """The "Reproduce the paper" journey (docs/reproduce.md) on a synthetic ImageNet, each step through the documented
 command, with the sizes swapped for a CPU: the tiny encoder on 28 px crops, a few steps per segment. The torchrun
-commands run as they are written; the one-process tools (fake_imagenet, file_index, hub export) run their ``main``
-with the documented arguments in this process (a Python start less each).
+commands run as they are written; the one-process tools (fake_imagenet, file_index, hub export, cpc-eval) run
+their ``main`` with the documented arguments in this process (a Python start less each).
 
 fake ImageNet -> file index -> torchrun, 2 processes -> one rank killed -> resumed on 1 process -> on 3 -> on 2
 "nodes" x 2 processes (torchrun --nnodes 2, c10d rendezvous on localhost) -> SIGTERM to one node -> resumed on 2
-nodes x 1 process to the end -> export with cpc_models.hub -> timm.create_model(..., pretrained=True) from the export.
+nodes x 1 process to the end -> export with cpc_models.hub -> timm.create_model(..., pretrained=True) from the export
+-> ``cpc-eval linear`` of the export on the same folder (features to disk, top-1 / top-5 on its val/).
 Every step of the run is checked to have loaded the images the global image stream gives it (each segment's ranks
 merged), whatever the number of processes that ran it.
 """
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -41,22 +43,27 @@ TRAIN = ('torchrun --standalone --nproc_per_node {nproc} -m cpc_models.train --p
 NODES = ('torchrun --nnodes {nnodes} --nproc_per_node {nproc} --rdzv_backend c10d --rdzv_endpoint {endpoint} '
          '--rdzv_id {job} -m cpc_models.train --preset imagenet_r161 --data {root}/train --out-dir {run}')
 EXPORT = 'python -m cpc_models.hub export --checkpoint {run} --out {out} --tag {tag}'
+LINEAR = 'cpc-eval linear --checkpoint {out} --data {root} --features {features} --out {results}'
 # What the docs show them with: 8 GPUs on a node, 64 on 8 nodes.
 DOC_VALUES = dict(root='/data/imagenet', run='/ckpt/cpcv2_r161', nproc=8, nnodes=8, endpoint='$HEAD_NODE:29500',
-                  job='cpcv2_r161', out='weights/cpcv2_resnet161.in1k', tag='in1k', classes=20, per_class=30)
+                  job='cpcv2_r161', out='weights/cpcv2_resnet161.in1k', tag='in1k', classes=20, per_class=30,
+                  features='/scratch/cpcv2_r161_features', results='results/linear_r161')
 # The sizes swapped for the CPU: a tiny encoder on 28 px crops, batch 12 (splits over 1, 2, 3 and 4 processes).
 SMALL = ['--model', 'cpcv2_resnet_tiny', '--image-size', '28', '--resize', '32', '--objective.context_hidden', '32',
          '--batch-size', '12', '--grad-checkpointing', '0', '--device', 'cpu', '--num-workers', '0', '--save-every',
          '2', '--log-every', '1', '--warmup-steps', '2', '--progress', '0', '--log-image-ids']
+# ... and for the linear evaluation: small chunks (several on disk), a few classifier epochs, no worker processes.
+SMALL_LINEAR = ['--chunk-rows', '64', '--extract-batch', '64', '--workers', '0', '--device', 'cpu', '--epochs', '10',
+                '--batch-size', '32', '--wds', '0,1e-4', '--holdout-fraction', '0.1', '--progress', '0']
 
 
 def test_the_documented_commands_are_the_ones_run_here():
     text = DOCS.read_text()
-    for template in (FAKE, INDEX, TRAIN, NODES, EXPORT):
+    for template in (FAKE, INDEX, TRAIN, NODES, EXPORT, LINEAR):
         assert template.format(**DOC_VALUES) in text, template
     assert TRAIN.format(**{**DOC_VALUES, 'nproc': 4}) in text  # the resume on fewer processes
     readme = (DOCS.parent.parent / 'README.md').read_text()  # its "Reproduce the paper" lines
-    for template in (INDEX, TRAIN, NODES, EXPORT):
+    for template in (INDEX, TRAIN, NODES, EXPORT, LINEAR):
         assert template.format(**DOC_VALUES) in readme, template
 
 
@@ -73,12 +80,15 @@ def _run(argv, timeout=300):
     return res.stdout
 
 
-def _main(capsys, template, **values):
-    """A documented ``python -m MODULE ARGS`` command, as ``MODULE.main(ARGS)`` in this process; its stdout."""
+def _main(capsys, template, *extra, **values):
+    """A documented ``python -m MODULE ARGS`` (or ``cpc-eval ARGS``) command, as ``MODULE.main(ARGS + extra)`` in
+    this process; its stdout."""
     words = template.format(**values).split()
+    if words[0] == 'cpc-eval':  # the console script's entry point (pyproject.toml)
+        words = ['python', '-m', 'cpc_models.evaluate.cli'] + words[1:]
     assert words[:2] == ['python', '-m']
     capsys.readouterr()
-    assert importlib.import_module(words[2]).main(words[3:]) == 0
+    assert importlib.import_module(words[2]).main(words[3:] + list(extra)) == 0
     return capsys.readouterr().out
 
 
@@ -214,6 +224,23 @@ def test_reproduce_journey_on_a_synthetic_imagenet(tmp_path, capsys):
     assert state.keys() == expected_weights.keys()
     assert all(torch.equal(state[k], v) for k, v in expected_weights.items())
     assert re.search(r'"batch_size": 12', (pub / 'README.md').read_text())
+
+    # linear evaluation of the export on the same folder: features to disk, the classifier from disk, top-1 / top-5
+    features, results = tmp_path / 'features', tmp_path / 'results' / 'linear'
+    t0 = time.time()
+    out = _main(capsys, LINEAR, *SMALL_LINEAR, out=pub, root=root, features=features, results=results)
+    res = json.loads((results / 'results.json').read_text())
+    print(f'{out.strip()} ({time.time() - t0:.1f} s in this test)')
+    assert re.search(r'top-1 \d+\.\d\d%, top-5 \d+\.\d\d% on 20 eval images', out), out
+    assert res['n_eval'] == 20 and res['classes'] == 10 and res['n_train_rows'] == 200  # val/: 2 per class
+    assert 0 <= res['top1'] <= res['top5'] <= 1
+    assert f"top-1 {100 * res['top1']:.2f}%, top-5 {100 * res['top5']:.2f}%" in out
+    assert res['fit']['steps'] > 0 and res['skipped'] == dict(train=0, eval=0)
+    for split, n in (('train', 200), ('eval', 20)):  # float16 chunks of 64 rows on disk
+        chunks = sorted((features / split).glob('chunk_*.npy'))
+        assert len(chunks) == -(-n // 64), (split, chunks)
+        assert sum(np.load(c).shape[0] for c in chunks) == n
+        assert all(np.load(c).dtype == np.float16 for c in chunks)
 
 
 def test_every_preset_value_has_a_source():
