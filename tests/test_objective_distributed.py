@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from cpc_models import objective
-from cpc_models.distributed import gather_with_grad, init_distributed, is_main_process, world_size
+from cpc_models.distributed import gather_with_grad, init_distributed, is_distributed, is_main_process, world_size
 from cpc_models.objective import CPCObjective
 
 WORLD = 2
@@ -178,3 +178,12 @@ def test_single_process_helpers_are_no_ops():
     x = torch.randn(3, 2)
     assert gather_with_grad(x) is x
     assert world_size() == 1 and is_main_process()
+
+
+def test_init_distributed_without_torchrun_environment(monkeypatch):
+    """Plain ``python`` (no RANK, no LOCAL_RANK): nothing is initialized, this process is rank 0 of 1."""
+    for name in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(name, raising=False)
+    device = torch.device('cuda', 0) if torch.cuda.is_available() else torch.device('cpu')
+    assert init_distributed() == (0, 1, device)
+    assert not is_distributed()

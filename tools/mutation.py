@@ -4,8 +4,9 @@
     python tools/mutation.py report [--check]                       # writes docs/mutation/report.md
 
 MODULE is a stem ("augment") or a path listed in tools/mutation.toml (default: all listed); its [functions] table
-may restrict a module to some functions ("train_step", "StepSampler.*"). Each module runs in
-its own folder .mutation/<stem>/ (a generated pyproject.toml with mutmut's settings, links to cpc_models/ and
+may restrict a module to some functions ("train_step", "StepSampler.*"), and its [link_all_tests] table runs every
+mutant of a module against all its tests (for functions run only in forked workers, which mutmut's stats do not
+see). Each module runs in its own folder .mutation/<stem>/ (a generated pyproject.toml with mutmut's settings, links to cpc_models/ and
 tests/, and mutmut's mutants/ copy) with ``--jobs`` workers of one torch thread each, at nice 10; nothing in the
 working tree is modified. ``--keep`` reuses that folder, so mutmut re-tests only what changed (for iterating on
 tests); without it every run starts afresh, as the committed results do.
@@ -148,6 +149,29 @@ def _mutant_changes(work: Path, module: str, names: list[str]) -> dict[str, list
     return changes
 
 
+def _link_all_tests(work: Path, module: str, only: list[str]) -> int:
+    """Give every mutated function of ``module`` every test of its stats pass, in mutmut's stats file.
+
+    mutmut links a test to the functions it saw called in the pytest process; a function run only in processes the
+    test starts (the forked gloo ranks of tests/test_objective_distributed.py) gets no tests, and its mutants are
+    never run. Returns the number of (function, test) links added.
+    """
+    stats_path = work / 'mutants' / 'mutmut-stats.json'
+    stats = json.loads(stats_path.read_text())
+    meta = json.loads((work / 'mutants' / (_file(module) + '.meta')).read_text())
+    functions = {name.partition('__mutmut_')[0] for name in meta['exit_code_by_key']
+                 if not only or any(fnmatch(name, p) for p in only)}
+    tests = set(stats['duration_by_test'])  # every test the stats pass ran: the module's selected tests
+    links = stats['tests_by_mangled_function_name']
+    added = 0
+    for function in sorted(functions):
+        known = set(links.get(function, []))
+        added += len(tests - known)
+        links[function] = sorted(known | tests)
+    stats_path.write_text(json.dumps(stats, indent=4, ensure_ascii=False))
+    return added
+
+
 def run(names: list[str], jobs: int, keep: bool, survivors: Optional[list[str]]) -> None:
     """Mutate each module; ``survivors`` (None: a full run) retests only the survivors matching these patterns."""
     cfg = _config()
@@ -161,7 +185,17 @@ def run(names: list[str], jobs: int, keep: bool, survivors: Optional[list[str]])
         work = _prepare(module, modules[module], settings, keep or previous is not None)
         print(f'== {module} against {" ".join(modules[module])} in {work.relative_to(ROOT)}', flush=True)
         start, load = time.monotonic(), round(os.getloadavg()[0], 1)
-        _mutmut(work, 'run', '--max-children', str(jobs), *(retest or only))
+        if module in cfg.get('link_all_tests', {}) and cfg['link_all_tests'][module]:
+            # a first mutmut run for its stats (it also runs the mutants it is given: the first survivor, or each
+            # function's first mutant), the links added, then every mutant named, so that mutmut reruns them all
+            everything = retest or only or [_file(module).removesuffix('.py').replace('/', '.') + '.*__mutmut_*']
+            first = retest[:1] or [p.removesuffix('*') + '1' for p in everything]
+            _mutmut(work, 'run', '--max-children', str(jobs), *first)
+            added = _link_all_tests(work, module, only)
+            print(f'== linked every test to every mutated function ({added} links added)', flush=True)
+            _mutmut(work, 'run', '--max-children', str(jobs), *everything)
+        else:
+            _mutmut(work, 'run', '--max-children', str(jobs), *(retest or only))
         wall = time.monotonic() - start
         listing = _mutmut(work, 'results', '--all', 'true', capture=True)
         statuses = {name: status for name, status in re.findall(r'^\s+(\S+): (.+)$', listing, flags=re.M)
