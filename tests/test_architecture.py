@@ -43,7 +43,7 @@ def test_weights_module_imports_nothing_of_the_package():
 
 def test_model_file_imports_only_layers_and_the_weights_helper():
     imported = {m for _, m in _package_imports(PACKAGE / 'encoder.py')}
-    assert imported == {'cpc_models._weights', 'cpc_models.patches'}
+    assert imported == {'cpc_models._weights', 'cpc_models.fused_norm', 'cpc_models.patches'}
 
 
 @pytest.mark.parametrize('path', MODULES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 from .. import config as C
 from ..checks import one_line
 from .eval_config import EvalConfig
+from .linear import main as linear_main
 from .figure1 import EvalInputError, check_config, merge_results, report, run_figure1, section
 from .probe import ProbeConfig, check_probe, format_probe, run_probe
 from .report import check_plotting, replace_section, write_results
@@ -129,7 +130,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[0] == 'probe':
         return _probe(argv[1:])
     if argv[0] == 'linear':
-        from .linear import main as linear_main
         return linear_main(argv[1:])
     if argv[0] != 'figure1':
         return _plot_or_merge(argv)

@@ -36,7 +36,11 @@ from tqdm.auto import tqdm
 
 from .. import config as C
 from ..atomic import write_text
+from ..checks import check_model_name, one_line
+from ..distributed import init_distributed, is_main_process
+from .encoders import check_checkpoint, load_encoder
 from .feature_store import FeatureStore, extract_to_store
+from .sources import list_image_folder, source_kind
 
 __all__ = ['LinearConfig', 'fit_from_store', 'evaluate_store', 'feature_stats', 'peak_rss_mb', 'run_linear',
            'extract_stores', 'format_linear', 'main']
@@ -251,9 +255,6 @@ def _store_split(listing) -> Tuple[str, str]:
 def check_linear(cfg: LinearConfig):
     """Everything checked before any work: the options, the folder (classes, splits), the checkpoint. Returns the
     folder listing (None without --data)."""
-    from ..checks import check_model_name
-    from .encoders import check_checkpoint
-    from .sources import list_image_folder, source_kind
     cfg.validate()
     if not cfg.data:
         for split in ('train', 'eval'):
@@ -276,8 +277,6 @@ def check_linear(cfg: LinearConfig):
 def extract_stores(cfg: LinearConfig, listing, progress: Optional[bool] = None) -> Dict:
     """Extract the train and eval features of ``listing`` into ``cfg.features``/train and /eval (resumable; every
     rank of a torchrun launch extracts its share of the chunks). Returns per split what this rank did."""
-    from ..distributed import init_distributed
-    from .encoders import load_encoder
     rank, world, device = init_distributed()
     if cfg.device not in ('auto', ''):
         device = torch.device(cfg.device)
@@ -297,8 +296,6 @@ def extract_stores(cfg: LinearConfig, listing, progress: Optional[bool] = None) 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """cpc-eval linear. Exit status: 0 done, 2 bad input (one line says what to change)."""
-    from ..checks import one_line
-    from ..distributed import is_main_process
     prog = 'cpc-eval linear'
     cfg = C.parse_args(LinearConfig(), list(sys.argv[1:] if argv is None else argv), prog=prog,
                        description=__doc__.split('\n\n')[0])

@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 
 from ..config import ConfigError
 from ..images import IMAGE_EXTENSIONS, convert_image, open_image
-from .data import balanced_count, split_train_val
+from .data import EvalData, balanced_count, split_halves, split_train_val
 
 __all__ = ['FASHION_MNIST', 'SPLITS', 'ImageList', 'LabelledImages', 'source_kind', 'list_image_folder',
            'check_listing', 'image_transform', 'load_images', 'load_source', 'stratified_holdout', 'eval_splits',
@@ -286,7 +286,6 @@ def eval_splits(data: LabelledImages, cfg) -> Tuple[torch.Tensor, ...]:
     training images (then the val/ images, if given); pool, tune, select index them. ``cfg`` gives val_fraction,
     test_fraction, val_seed and train_subset. The val split is carved from the training images when there is no
     val split: ``val_fraction`` of them, class-balanced; its halves tune and select."""
-    from .data import split_halves
     if 'all' in data.images:
         data.images['train'], data.labels['train'] = data.images.pop('all'), data.labels.pop('all')
     if 'train' not in data.images:
@@ -348,7 +347,6 @@ def load_eval_source(cfg, data_config: Dict, progress: bool = False):
     """The EvalData of a folder or dataset source (``cfg.data``): pool, val (tuning half), select, eval (the select
     half with split 'val', the test split with 'test'), with class names, the skipped files and how the splits were
     made."""
-    from .data import EvalData
     data = load_source(cfg, data_config, progress=progress)
     x, y, pool, tune, select, tx, ty = eval_splits(data, cfg)
     check_label_amounts(y[pool], data.classes, cfg.data, () if cfg.shots else cfg.fractions, cfg.shots)
