@@ -29,6 +29,17 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
+def write_sample_idx(root: Path) -> Path:
+    """An IDX folder (train and t10k alike) of the 1,000-image sample bundled with the package (cpc_models.demo),
+    smaller than the shipped subset: for tests that run cpc-train or cpc-eval and need only a few steps."""
+    from cpc_models.demo import load_sample
+    images, labels, _ = load_sample()
+    for split in ('train', 't10k'):
+        write_idx(root / f'{split}-images-idx3-ubyte', images[:, 0].numpy())
+        write_idx(root / f'{split}-labels-idx1-ubyte', labels.numpy().astype(np.uint8))
+    return root
+
+
 @pytest.fixture(scope='session', autouse=True)
 def fmnist_dir(tmp_path_factory):
     """A Fashion-MNIST IDX folder holding the shipped subset (training files gzipped, test files plain, as both

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import timm
@@ -25,6 +24,7 @@ from PIL import Image
 import cpc_models  # noqa: F401  (registers the architectures)
 from benchmarks import run as bench
 from cpc_models import checks, extract, hub, train
+from conftest import write_sample_idx
 from cpc_models.demo import load_sample
 from cpc_models.evaluate import cli as eval_cli
 
@@ -43,15 +43,7 @@ def _env(**extra):
 @pytest.fixture(scope='module')
 def fmnist_dir(tmp_path_factory):
     """A Fashion-MNIST IDX folder (train and t10k) holding the bundled 1,000-image sample."""
-    root = tmp_path_factory.mktemp('fmnist')
-    images, labels, _ = load_sample()
-    for split in ('train', 't10k'):
-        x, y = images[:, 0].numpy(), labels.numpy().astype(np.uint8)
-        (root / f'{split}-images-idx3-ubyte').write_bytes(bytes([0, 0, 8, 3]) + np.array(x.shape, '>u4').tobytes()
-                                                          + x.tobytes())
-        (root / f'{split}-labels-idx1-ubyte').write_bytes(bytes([0, 0, 8, 1]) + np.array(y.shape, '>u4').tobytes()
-                                                          + y.tobytes())
-    return root
+    return write_sample_idx(tmp_path_factory.mktemp('fmnist'))
 
 
 @pytest.fixture(scope='module')

@@ -8,14 +8,13 @@ a sampler restarted one step early or late feeds other images and changes both.
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import cpc_models  # noqa: F401  (registers the architectures)
 from cpc_models import train
-from cpc_models.demo import load_sample
+from conftest import write_sample_idx
 
 FAST = ['--preset', 'fmnist_tiny', '--device', 'cpu', '--batch-size', '8', '--objective.context_hidden', '16',
         '--warmup-steps', '2', '--progress', '0', '--num-workers', '0', '--objective.directions', '1',
@@ -26,15 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope='module')
 def fmnist_dir(tmp_path_factory):
     """A Fashion-MNIST IDX folder (train and t10k) holding the bundled 1,000-image sample."""
-    root = tmp_path_factory.mktemp('fmnist')
-    images, labels, _ = load_sample()
-    for split in ('train', 't10k'):
-        x, y = images[:, 0].numpy(), labels.numpy().astype(np.uint8)
-        (root / f'{split}-images-idx3-ubyte').write_bytes(bytes([0, 0, 8, 3]) + np.array(x.shape, '>u4').tobytes()
-                                                          + x.tobytes())
-        (root / f'{split}-labels-idx1-ubyte').write_bytes(bytes([0, 0, 8, 1]) + np.array(y.shape, '>u4').tobytes()
-                                                          + y.tobytes())
-    return root
+    return write_sample_idx(tmp_path_factory.mktemp('fmnist'))
 
 
 def _losses(out):

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from .. import config as C
 from ..checks import check_model_name, one_line
-from ..data import fashion_mnist_dir
 from .baselines import create_supervised
 from .data import EvalData, Features, balanced_subset, features_for, load_eval_data, shots_subset
 from .encoders import check_checkpoint, create_encoder, load_encoder
@@ -51,7 +50,7 @@ from .protocols import (
     train_images,
     train_on_grid,
 )
-from .sources import FASHION_MNIST, check_label_amounts, load_eval_source, source_kind
+from .sources import FASHION_MNIST, check_source, check_label_amounts, load_eval_source
 from .report import (
     check_targets,
     format_section,
@@ -359,13 +358,7 @@ def check_config(cfg: EvalConfig) -> None:
     if bad:
         raise C.ConfigError(f'--supervised-candidates {bad[0]}: not a timm model; give convnet, auto or timm names '
                             f'(e.g. resnet18){C.did_you_mean(bad[0], timm.list_models())}')
-    if cfg.data == FASHION_MNIST:
-        try:
-            fashion_mnist_dir(cfg.data_dir or None)
-        except FileNotFoundError as e:
-            raise C.ConfigError(f'--data-dir: {e}') from None
-    else:
-        source_kind(cfg.data)
+    check_source(cfg.data, cfg.data_dir)
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise C.ConfigError(f'--out {cfg.out}: is a file; give a folder for results.json, table.md and figure1.png')
 

@@ -25,13 +25,13 @@ import torch
 from .. import config as C
 from ..atomic import write_text
 from ..checks import check_model_name, check_out_file, one_line
-from ..data import FASHION_MNIST_CLASSES, fashion_mnist_dir
+from ..data import FASHION_MNIST_CLASSES
 from ..extract import extract_features
 from .data import balanced_subset, load_eval_splits
 from .encoders import check_checkpoint, load_encoder
 from .eval_config import EvalConfig
 from .figure1 import EvalInputError, model_data_config
-from .sources import FASHION_MNIST, check_label_amounts, eval_splits, load_source, source_kind
+from .sources import FASHION_MNIST, check_source, check_label_amounts, eval_splits, load_source
 from .protocols import accuracy, fit_linear_probe
 
 __all__ = ['ProbeConfig', 'check_probe', 'run_probe', 'format_probe', 'FEATURE_KINDS']
@@ -96,13 +96,7 @@ def check_probe(cfg: ProbeConfig) -> None:
     if set(cfg.features) - {'pixels'}:
         check_model_name(cfg.model)
         check_checkpoint(cfg.checkpoint)
-    if cfg.data == FASHION_MNIST:
-        try:
-            fashion_mnist_dir(cfg.data_dir or None)
-        except FileNotFoundError as e:
-            raise C.ConfigError(f'--data-dir: {e}') from None
-    else:
-        source_kind(cfg.data)
+    check_source(cfg.data, cfg.data_dir)
     if cfg.out:
         check_out_file(cfg.out, '--out', suffix='.json')
 

@@ -25,10 +25,11 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ..config import ConfigError
+from ..data import fashion_mnist_dir
 from ..images import IMAGE_EXTENSIONS, convert_image, open_image
 from .data import EvalData, balanced_count, split_halves, split_train_val
 
-__all__ = ['FASHION_MNIST', 'SPLITS', 'ImageList', 'LabelledImages', 'source_kind', 'list_image_folder',
+__all__ = ['FASHION_MNIST', 'SPLITS', 'ImageList', 'LabelledImages', 'source_kind', 'check_source', 'list_image_folder',
            'check_listing', 'image_transform', 'load_images', 'load_source', 'stratified_holdout', 'eval_splits',
            'mode_channels']
 
@@ -62,6 +63,17 @@ class LabelledImages:
 
 
 # ============ which source ============
+
+def check_source(data: str, data_dir: str = '') -> str:
+    """:func:`source_kind` of ``--data``, and for Fashion-MNIST that its IDX folder (``--data-dir``, else the default
+    places) exists; ConfigError naming the flag otherwise."""
+    if data == FASHION_MNIST:
+        try:
+            fashion_mnist_dir(data_dir or None)
+        except FileNotFoundError as e:
+            raise ConfigError(f'--data-dir: {e}') from None
+    return source_kind(data)
+
 
 def source_kind(data: str) -> str:
     """'fashion-mnist', 'folder', 'saved' (a datasets.save_to_disk folder) or 'hub'; ConfigError naming --data if it
