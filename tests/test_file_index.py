@@ -124,8 +124,8 @@ _SHARED = r'''
 import json, os, sys
 from pathlib import Path
 import torch.distributed as dist
-dist.init_process_group('gloo')
-from cpc_models.train import shared_file_index
+from cpc_models.train import shared_file_index  # before the process group: torch._dynamo imported after
+dist.init_process_group('gloo')                 # init_process_group can abort the exit (SIGABRT, torch 2.14.1)
 out = Path(sys.argv[1])
 for folder in sys.argv[2:]:  # one process group for every folder: one torchrun launch
     try:
