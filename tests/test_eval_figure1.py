@@ -60,6 +60,27 @@ def test_arms_whose_seed_only_draws_labels_run_once_at_100_percent():
                                                            'cpc_finetune'}
 
 
+def test_with_shots_an_arm_runs_up_to_its_cap_and_at_least_at_the_smallest_count():
+    cfg = EvalConfig(arms=('cpc_linear', 'cpc_finetune'), shots=(1, 5, 10, 50), seeds=(0, 1))
+    assert cfg.arm_max_shots == {'cpc_finetune': 10}  # the default: the CPC side of the 5x/2x/5x targets
+    plan = plan_runs(cfg)
+    assert plan == [('cpc_linear', float(k), s) for k in (1, 5, 10, 50) for s in (0, 1)] + [
+        ('cpc_finetune', float(k), s) for k in (1, 5, 10) for s in (0, 1)]
+    cfg.shots = (20, 50)
+    assert [(a, k) for a, k, s in plan_runs(cfg) if s == 0] == [('cpc_linear', 20.0), ('cpc_linear', 50.0),
+                                                                  ('cpc_finetune', 20.0)]
+    cfg.arm_max_shots = {}
+    assert len(plan_runs(cfg)) == 2 * 2 * 2
+    cfg.arm_max_shots = {'cpc_linear': 20}
+    assert [(a, k) for a, k, s in plan_runs(cfg) if s == 0] == [('cpc_linear', 20.0), ('cpc_finetune', 20.0),
+                                                                  ('cpc_finetune', 50.0)]
+    for bad in ({'cpc_finetune': 0}, {'cpc_finetune': 2.5}, {'cpc_finetune': True}, {'cpc_finetune': '10'}):
+        with pytest.raises(ValueError, match='arm_max_shots'):
+            EvalConfig(arm_max_shots=bad).validate()
+    with pytest.raises(ValueError, match='bogus'):
+        check_config(EvalConfig(arm_max_shots={'bogus': 5}))
+
+
 # ---------------- report: summary, best CPC arm, targets ----------------
 
 def _rec(arm, f, seed, acc, sel=None, **kw):

@@ -143,15 +143,18 @@ def test_a_folder_without_splits_is_split_stratified_and_says_so(tmp_path, subse
     listing = list_image_folder(root)
     assert listing.classes == [_class_dir(c) for c in range(3)] and set(listing.splits) == {'all'}
     code, res = _fig(tmp_path / 'out', '--data', str(root), '--checkpoint', 'random', '--arms',
-                     'pixels_linear,pixels_knn', '--shots', '1,2,4', '--split', 'test', '--seeds', '0,1')
+                     'pixels_linear,pixels_knn', '--shots', '1,2,4', '--split', 'test', '--seeds', '0,1',
+                     '--arm-max-shots', '{"pixels_knn": 2}')
     assert code == 0
     out = capsys.readouterr().out
+    assert '10 runs to do (0 done before): 2 arm(s), shots per class [1, 2, 4], seeds [0, 1]' in out
     assert 'a seeded class-stratified 20% of every class held out as the test split (12 images' in out
     assert 'val: a class-balanced 10% of train' in out
     # 20 per class: 4 held out for test; of the other 48, 10% (5, rounded to 2 of each class) for val
     assert res['n_eval'] == 12 and res['n_pool'] == 42 and res['n_val'] == 3
     assert sorted({(r['fraction'], r['n_labels']) for r in res['runs']}) == [(1.0, 3), (2.0, 6), (4.0, 12)]
-    assert len(res['runs']) == 2 * 3 * 2  # every shot count runs every seed (no 100% shortcut)
+    assert len(res['runs']) == 3 * 2 + 2 * 2  # every shot count runs every seed (no 100% shortcut), up to the cap
+    assert sorted({r['fraction'] for r in res['runs'] if r['arm'] == 'pixels_knn'}) == [1.0, 2.0]
     assert not any(r.get('deterministic') for r in res['runs'])  # 1 shot per class is not 100% of the labels
     table = (tmp_path / 'out' / 'table.md').read_text()
     assert '| arm | 1/class | 2/class | 4/class |' in table and 'deterministic' not in table

@@ -343,7 +343,7 @@ class EvalInputError(ValueError):
 def check_config(cfg: EvalConfig) -> None:
     """cfg.validate(), the arm names, the encoder (--model, --checkpoint) and the data, before any work; raises
     ValueError (ConfigError: naming the option) saying what is allowed."""
-    bad = [a for a in (*cfg.arms, *cfg.arm_fractions) if a not in ARMS]
+    bad = [a for a in (*cfg.arms, *cfg.arm_fractions, *cfg.arm_max_shots) if a not in ARMS]
     if bad or not cfg.arms:
         hint = C.did_you_mean(bad[0], list(ARMS)) if bad else ''
         raise ValueError(f'Unknown arm(s) {bad or "(none given)"}{hint}; choose from {", ".join(ARMS)}.')
@@ -453,9 +453,13 @@ def section(payload: Dict, image: str) -> str:
 def plan_runs(cfg: EvalConfig) -> List[Tuple[str, float, int]]:
     """The (arm, fraction, seed) runs of a config, cheapest arm first; an arm in ``cfg.arm_fractions`` runs its own
     fractions. At fraction 1 an arm that uses its seed only to draw the labelled subset (``seeded=False``) runs once:
-    every seed would give the same run."""
-    if cfg.shots:  # labelled images per class: every arm at every count
-        return [(a, float(k), s) for a in sorted(cfg.arms, key=lambda a: ARMS[a].cost) for k in cfg.shots
+    every seed would give the same run. With shots (the 'fraction' is then shots per class), an arm in
+    ``cfg.arm_max_shots`` runs at the counts up to its cap, and at least at the smallest."""
+    if cfg.shots:
+        def counts(arm):
+            most = cfg.arm_max_shots.get(arm)
+            return cfg.shots if most is None else [k for k in cfg.shots if k <= most] or [min(cfg.shots)]
+        return [(a, float(k), s) for a in sorted(cfg.arms, key=lambda a: ARMS[a].cost) for k in counts(a)
                 for s in cfg.seeds]
     return [(a, float(f), s) for a in sorted(cfg.arms, key=lambda a: ARMS[a].cost)
             for f in cfg.arm_fractions.get(a, cfg.fractions)
@@ -464,7 +468,7 @@ def plan_runs(cfg: EvalConfig) -> List[Tuple[str, float, int]]:
 
 # Settings that may differ between parts of one table, or between a run and its resumption: which runs a part
 # does, its threads, progress bar and folder.
-_MERGE_FREE = ('arms', 'fractions', 'arm_fractions', 'seeds', 'threads', 'progress', 'out', 'resume')
+_MERGE_FREE = ('arms', 'fractions', 'arm_fractions', 'arm_max_shots', 'seeds', 'threads', 'progress', 'out', 'resume')
 
 
 def _arm_reads(arm: str, config: Dict) -> Optional[set]:
@@ -588,8 +592,9 @@ def run_figure1(cfg: EvalConfig, out: Optional[Path] = None, command: str = '') 
             write_results(out, payload)
 
     where = f'; {out / "results.json"} is rewritten after each run' if out is not None else ''
-    _say(f'{len(jobs)} runs to do ({len(done)} done before): {len(cfg.arms)} arm(s), fractions '
-         f'{list(cfg.fractions)}, seeds {list(cfg.seeds)}, cheapest arms first{where}')
+    amounts = f'shots per class {list(cfg.shots)}' if cfg.shots else f'fractions {list(cfg.fractions)}'
+    _say(f'{len(jobs)} runs to do ({len(done)} done before): {len(cfg.arms)} arm(s), {amounts}, seeds '
+         f'{list(cfg.seeds)}, cheapest arms first{where}')
     bar = tqdm(jobs, desc='runs', disable=not cfg.progress)
     for k, (arm, fraction, seed) in enumerate(bar, 1):
         bar.set_postfix_str(f'{arm} {fraction:g} seed {seed}')
