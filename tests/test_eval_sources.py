@@ -136,6 +136,42 @@ def test_a_hugging_face_dataset_gives_the_accuracies_of_the_folder(tmp_path, sub
     _one_line_error(capsys, code, '--data', 'Image column')
 
 
+# ---------------- the README's three commands ----------------
+
+def test_readme_own_data_commands_run_on_colour_photos(tmp_path, subset, capsys):
+    """"Evaluate on your own data", as the README writes it: pretrain on an unlabelled folder of colour JPEGs (a few
+    steps), then figure1 with that run folder on the labelled folder, then the plot and table are there."""
+    from pathlib import Path
+    from cpc_models import train
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    block = readme[readme.index('## Evaluate on your own data'):]
+    block = block[block.index('```bash') + 8:block.index('```', block.index('```bash') + 8)]
+    step1, step2 = (' '.join(line.split('#')[0].split()) for line in block.replace('\\\n', '').splitlines()[:2])
+    assert step1.startswith('cpc-train --preset stl10_small --data photos/unlabelled --out-dir runs/photos')
+    assert step2.startswith('cpc-eval figure1 --checkpoint runs/photos --data photos/labelled --shots 1,5,10,50')
+    tints = np.array([[1, 0.6, 0.3], [0.3, 1, 0.6], [0.6, 0.3, 1]])
+    y = subset['train_labels']
+    for c in range(3):
+        for i in np.nonzero(y == c)[0][:12]:
+            grey = np.asarray(Image.fromarray(subset['train_images'][i, 0]).resize((80, 80)), dtype=np.float32)
+            photo = Image.fromarray((grey[..., None] * tints[c]).clip(0, 255).astype(np.uint8))
+            for d in (tmp_path / 'photos' / 'unlabelled', tmp_path / 'photos' / 'labelled' / _class_dir(c)):
+                d.mkdir(parents=True, exist_ok=True)
+                photo.save(d / f'{i:05d}.jpg')
+    def here(step):  # the command's arguments, its relative folders under tmp_path
+        return [f'{tmp_path}/{w}' if w.startswith(('photos/', 'runs/', 'results/')) else w for w in step.split()[1:]]
+    assert train.main(here(step1) + ['--max-steps', '2', '--batch-size', '4', '--num-workers', '0',
+                                     '--progress', 'false']) == 0
+    code = main(here(step2.replace('--shots 1,5,10,50', '--shots 1,2')) + ['--arms', 'pixels_linear,cpc_linear',
+                                                                          *FAST])
+    assert code == 0
+    out = tmp_path / 'results' / 'photos'
+    res = json.loads((out / 'results.json').read_text())
+    assert res['checkpoint']['model'] == 'cpcv2_resnet_small' and res['classes'] == [_class_dir(c) for c in range(3)]
+    assert len(res['runs']) == 4 and all(0 <= r['accuracy'] <= 1 for r in res['runs'])
+    assert (out / 'figure1.png').stat().st_size > 0 and '| arm | 1/class | 2/class |' in (out / 'table.md').read_text()
+
+
 # ---------------- splits, shots ----------------
 
 def test_a_folder_without_splits_is_split_stratified_and_says_so(tmp_path, subset, capsys):

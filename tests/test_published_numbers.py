@@ -88,6 +88,19 @@ def test_readme_figure1_section_rows_come_from_its_results():
         assert len(rows) > 8 and not missing, missing
 
 
+def test_readme_own_data_section_rows_and_time_come_from_its_results():
+    folder = ROOT / 'results' / 'own_data'
+    sources = (folder / 'table.md').read_text().splitlines()
+    section = README[README.index('<!-- own-data:begin -->'):README.index('<!-- own-data:end -->')]
+    rows = [line for line in section.splitlines() if line.startswith('| ')]
+    assert len(rows) > 12 and [row for row in rows if row not in sources] == []
+    results = json.loads((folder / 'results.json').read_text())
+    minutes, seconds = divmod(round(results['wall_s']), 60)
+    assert f'**{minutes} min {seconds} s**' in section  # the wall time of the committed run
+    command = (folder / 'run.sh').read_text()
+    assert '--arms' not in command and '--round-images' not in command  # the README's step 2, default arms
+
+
 def test_superseded_card_keeps_the_table_of_its_own_run():
     sources = (ROOT / 'results' / 'fmnist_figure1_tiny' / 'table.md').read_text().splitlines()
     card = (ROOT / 'weights' / 'cpcv2_resnet_tiny.fmnist' / 'README.md').read_text()
