@@ -503,6 +503,15 @@ def _dataset(cfg: TrainConfig, in_chans: int, img_size: int):
                               index=shared_file_index(cfg.data, index_location(cfg)))
 
 
+def held_out_splits(data: str) -> List[str]:
+    """The evaluation splits (val/, validation/, test/) a --data folder holds beside a train/ folder: pretraining
+    on the folder would read their images too."""
+    root = Path(data)
+    if data == 'fashion-mnist' or data.startswith(HF_PREFIX) or not (root / 'train').is_dir():
+        return []
+    return [name for name in ('val', 'validation', 'test') if (root / name).is_dir()]
+
+
 def index_location(cfg: TrainConfig) -> Path:
     """Where the file index of ``cfg.data`` is cached: ``--index-dir``, else beside the data, else (a read-only
     data folder) in the run folder."""
@@ -691,6 +700,11 @@ def train(cfg: TrainConfig) -> Dict:
     # ============ data ============
     dataset = _dataset(cfg, in_chans, img_size)
     check_readable(dataset)  # a folder of junk stops here, on every rank alike
+    held_out = held_out_splits(cfg.data)
+    if held_out and main_process:
+        print(f'warning: --data {cfg.data} holds {", ".join(h + "/" for h in held_out)} beside train/: pretraining '
+              f'reads every image under it, those too; give --data {Path(cfg.data) / "train"} to keep them out',
+              file=sys.stderr)
 
     # ============ optimizer ============
     optimizer = build_optimizer(cfg, model)

@@ -636,6 +636,23 @@ def test_image_folder_with_corrupt_files(tmp_path, capsys):
     assert rc == 2 and 'no such folder' in err
 
 
+def test_a_folder_with_test_beside_train_is_pretrained_on_whole_with_a_warning(tmp_path, capsys):
+    images, _ = load_fashion_mnist('test')
+    root = tmp_path / 'photos'
+    for split, rows in (('train', range(0, 16)), ('test', range(16, 20)), ('val', range(20, 24))):
+        (root / split / 'a').mkdir(parents=True)
+        for i in rows:
+            Image.fromarray(images[i, 0].numpy()).save(root / split / 'a' / f'{i}.png')
+    rc, _, err = _run(FAST + ['--data', str(root), '--max-steps', '1', '--out-dir', str(tmp_path / 'run')], capsys)
+    assert rc == 0
+    warning = [line for line in err.splitlines() if line.startswith('warning: --data')]
+    assert warning == [f'warning: --data {root} holds val/, test/ beside train/: pretraining reads every image '
+                       f'under it, those too; give --data {root / "train"} to keep them out']
+    assert train.held_out_splits(str(root / 'train')) == [] and train.held_out_splits('fashion-mnist') == []
+    (root / 'train').rename(root / 'unlabelled')  # without a train/ folder the splits are not this layout's
+    assert train.held_out_splits(str(root)) == []
+
+
 # ============ 7. command line and presets ============
 
 def test_cli_overrides():
