@@ -54,3 +54,20 @@ def fmnist_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv('CPC_FASHION_MNIST_DIR', str(root))
         yield root
+
+
+def hub_dataset_cache(splits, cache, repo):
+    """The datasets cache that ``load_dataset(repo)`` leaves after a Hub download (``NAMESPACE___NAME/default/VERSION/
+    COMMIT``), written by datasets' own parquet builder from ``splits`` (name -> Dataset)."""
+    from datasets.packaged_modules.parquet.parquet import Parquet  # the optional extra: imported here
+    namespace, name = repo.split('/')
+    files = {}
+    for split, ds in splits.items():
+        files[split] = str(cache.parent / f'{name}-{split}.parquet')
+        ds.to_parquet(files[split])
+    builder = Parquet(cache_dir=str(cache), dataset_name=name, config_name='default', hash='0' * 40,
+                      data_files=files, features=next(iter(splits.values())).features)
+    builder.download_and_prepare()
+    (cache / name).rename(cache / f'{namespace}___{name}')
+    config, = (cache / f'{namespace}___{name}').glob('default*')  # named by the local files' fingerprint
+    config.rename(config.parent / 'default')

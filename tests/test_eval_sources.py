@@ -16,7 +16,7 @@ from cpc_models.evaluate import main
 from cpc_models.evaluate.probe import ProbeConfig, run_probe
 from cpc_models.evaluate.sources import list_image_folder, stratified_holdout
 
-from conftest import FMNIST_SUBSET
+from conftest import FMNIST_SUBSET, hub_dataset_cache
 
 FAST = ['--seeds', '0', '--linear-max-iter', '30', '--no-progress', '--threads', '1']
 
@@ -108,7 +108,8 @@ def test_a_png_folder_of_fashion_mnist_gives_the_accuracies_of_the_idx_files(tmp
     assert b['classes'][1] == '1_Trouser' and a['classes'][1] == 'Trouser'
 
 
-def test_a_hugging_face_dataset_gives_the_accuracies_of_the_folder(tmp_path, subset, fmnist_folder, capsys):
+def test_a_hugging_face_dataset_gives_the_accuracies_of_the_folder(tmp_path, subset, fmnist_folder, capsys,
+                                                                   monkeypatch):
     datasets = pytest.importorskip('datasets')
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(
         names=[_class_dir(c) for c in range(10)]))
@@ -128,6 +129,18 @@ def test_a_hugging_face_dataset_gives_the_accuracies_of_the_folder(tmp_path, sub
     assert [r['accuracy'] for r in from_disk['runs']] == pytest.approx([r['accuracy'] for r in folder['runs']],
                                                                       abs=1e-6)
     assert from_disk['classes'] == folder['classes'] and from_disk['n_pool'] == 300
+    # the same splits by Hub name (hf:NAME), from the datasets cache a Hub download leaves, offline
+    hub_dataset_cache(splits, tmp_path / 'hf-cache', 'someone/fmnist_subset')
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'hf-cache'))
+    monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', True)
+    code, by_name = _fig(tmp_path / 'hub', *common, '--data', 'hf:someone/fmnist_subset')
+    assert code == 0
+    assert [r['accuracy'] for r in by_name['runs']] == [r['accuracy'] for r in from_disk['runs']]
+    assert by_name['classes'] == from_disk['classes']
+    capsys.readouterr()
+    code = main(['figure1', '--out', str(tmp_path / 'y'), '--checkpoint', 'random', '--arms', 'pixels_linear',
+                 '--data', 'hf:someone/not_cached'])
+    _one_line_error(capsys, code, '--data hf:someone/not_cached: could not load the dataset')
     # a dataset without an image column is refused before any work
     datasets.Dataset.from_dict(dict(text=['a', 'b'], label=[0, 1])).save_to_disk(str(tmp_path / 'text'))
     capsys.readouterr()

@@ -11,6 +11,8 @@ from PIL import Image
 from cpc_models import train
 from cpc_models.data import HFImageDataset, load_hf_dataset, load_fashion_mnist
 
+from conftest import hub_dataset_cache
+
 datasets = pytest.importorskip('datasets')
 
 FAST = ['--preset', 'fmnist_tiny', '--device', 'cpu', '--batch-size', '8', '--objective.context_hidden', '16',
@@ -75,3 +77,21 @@ def test_cpc_train_on_an_hf_dataset(saved, tmp_path, capsys):
     assert rc == 2 and '--data hf:: give a Hub dataset name' in capsys.readouterr().err
     rc = train.main(FAST + ['--data', f'hf:{root / "dict"}', '--data-split', 'val', '--out-dir', str(tmp_path / 'x')])
     assert rc == 2 and "not 'val'; pass --data-split" in capsys.readouterr().err
+
+
+def test_cpc_train_on_a_hub_dataset_by_name_from_the_cache(saved, tmp_path, capsys, monkeypatch):
+    """``--data hf:NAME``: the Hub is unreachable here, so ``load_dataset(NAME)`` runs offline on the datasets cache
+    a Hub download leaves (built by the test from the saved splits)."""
+    root, _, labels = saved
+    splits = datasets.load_from_disk(str(root / 'dict'))
+    hub_dataset_cache(dict(splits), tmp_path / 'cache', 'someone/fmnist40')
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', True)
+    by_name = load_hf_dataset('someone/fmnist40', 'train')
+    assert by_name['label'] == labels.tolist() and by_name[5]['img'].size == splits['train'][5]['img'].size
+    assert len(load_hf_dataset('someone/fmnist40', 'test')) == 8
+    out = tmp_path / 'run'
+    rc = train.main(FAST + ['--data', 'hf:someone/fmnist40', '--image-size', '28', '--max-steps', '2',
+                            '--out-dir', str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert [json.loads(line)['step'] for line in (out / 'metrics.jsonl').read_text().splitlines()][-1] == 2
