@@ -40,6 +40,17 @@ def write_sample_idx(root: Path) -> Path:
     return root
 
 
+def write_sample_pngs(root: Path, count: int) -> Path:
+    """The first ``count`` images of the bundled 1,000-image sample as 28 px greyscale PNGs ``00.png``, ``01.png``, ...
+    in ``root``: a folder of real images for the CLIs."""
+    from PIL import Image
+    from cpc_models.demo import load_sample
+    images = load_sample()[0]
+    for i in range(count):
+        Image.fromarray(images[i, 0].numpy()).save(root / f'{i:02d}.png')
+    return root
+
+
 @pytest.fixture(scope='session', autouse=True)
 def fmnist_dir(tmp_path_factory):
     """A Fashion-MNIST IDX folder holding the shipped subset (training files gzipped, test files plain, as both

@@ -24,7 +24,7 @@ from PIL import Image
 import cpc_models  # noqa: F401  (registers the architectures)
 from benchmarks import run as bench
 from cpc_models import checks, extract, hub, train
-from conftest import write_sample_idx
+from conftest import write_sample_idx, write_sample_pngs
 from cpc_models.demo import load_sample
 from cpc_models.evaluate import cli as eval_cli
 
@@ -49,11 +49,7 @@ def fmnist_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def images(tmp_path_factory):
     """48 real 28 px PNGs."""
-    root = tmp_path_factory.mktemp('images')
-    x = load_sample()[0]
-    for i in range(48):
-        Image.fromarray(x[i, 0].numpy()).save(root / f'{i:02d}.png')
-    return root
+    return write_sample_pngs(tmp_path_factory.mktemp('images'), 48)
 
 
 def _one_error_line(err: str, prog: str) -> str:

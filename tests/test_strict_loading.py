@@ -19,14 +19,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from PIL import Image
 
 import cpc_models  # noqa: F401  (registers the architectures)
 from cpc_models import extract, hub, train
 from cpc_models._weights import WeightsMismatchError
 from cpc_models.checkpoint import load_checkpoint
-from conftest import write_sample_idx
-from cpc_models.demo import load_sample
+from conftest import write_sample_idx, write_sample_pngs
 from cpc_models.encoder import WEIGHTS_DIR
 from cpc_models.evaluate import cli as eval_cli
 from cpc_models.evaluate.encoders import load_encoder
@@ -70,11 +68,7 @@ def published(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp('images')
-    x = load_sample()[0]
-    for i in range(4):
-        Image.fromarray(x[i, 0].numpy()).save(root / f'{i}.png')
-    return root
+    return write_sample_pngs(tmp_path_factory.mktemp('images'), 4)
 
 
 @pytest.fixture(scope='module')
