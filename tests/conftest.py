@@ -3,6 +3,7 @@ are a real subset shipped in tests/data (see make_fashion_mnist_subset.py), writ
 loader; the full dataset is only needed to reproduce the published results."""
 import gzip
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,17 @@ def write_sample_pngs(root: Path, count: int) -> Path:
     for i in range(count):
         Image.fromarray(images[i, 0].numpy()).save(root / f'{i:02d}.png')
     return root
+
+
+def wait_for(proc, cond, timeout: float) -> None:
+    """Poll ``cond()`` until it holds, for a run in the subprocess ``proc`` that a test is about to signal: fails
+    if ``proc`` ends first (with its output where it was piped) or after ``timeout`` seconds."""
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, (f'the run ended before the signal (rc {proc.returncode})'
+                                     + (f': {proc.communicate()}' if proc.stdout is not None else ''))
+        assert time.time() - t0 < timeout, f'timed out after {timeout} s waiting for the run'
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope='session', autouse=True)

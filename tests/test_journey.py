@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 import cpc_models  # noqa: F401  (registers the architectures)
 from cpc_models.data import StepSampler
 from cpc_models.file_index import FileIndex
-from conftest import worker_env
+from conftest import wait_for, worker_env
 
 pytestmark = pytest.mark.timeout(900)
 DOCS = Path(__file__).resolve().parent.parent / 'docs' / 'reproduce.md'
@@ -133,14 +133,6 @@ def _logged_steps(run):
     return [json.loads(line)['step'] for line in text.split('\n')[:-1]]
 
 
-def _wait_for(proc, cond, timeout=180):
-    t0 = time.time()
-    while not cond():
-        assert proc.poll() is None, f'ended before the signal (rc {proc.returncode})'
-        assert time.time() - t0 < timeout, 'timed out'
-        time.sleep(0.05)
-
-
 def _segment_ids(run, world, first, last):
     """{step: ids in stream order} for steps first..last from the image_ids logs of a world of ``world``."""
     logs = [{json.loads(line)['step']: json.loads(line)['ids']
@@ -169,7 +161,7 @@ def test_reproduce_journey_on_a_synthetic_imagenet(tmp_path, capsys):
 
     # 2 processes; one rank is killed after the checkpoint of step 2
     proc = _popen(_argv(TRAIN, nproc=2, **values) + SMALL + ['--max-steps', '40'], tmp_path / 'killed.log')
-    _wait_for(proc, lambda: _latest_step(run) >= 2 and len(_children(proc.pid)) == 2)
+    wait_for(proc, lambda: _latest_step(run) >= 2 and len(_children(proc.pid)) == 2, timeout=180)
     os.kill(_children(proc.pid)[-1], signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0
@@ -189,7 +181,7 @@ def test_reproduce_journey_on_a_synthetic_imagenet(tmp_path, capsys):
     nodes_argv = _argv(NODES, nnodes=2, nproc=2, endpoint=f'localhost:{_free_port()}', job='journey', **values)
     logs = [tmp_path / f'sigterm_node{k}.log' for k in range(2)]
     nodes = [_popen(nodes_argv + SMALL + ['--max-steps', '40'], log, start_new_session=True) for log in logs]
-    _wait_for(nodes[0], lambda: max(_logged_steps(run), default=0) >= start + 2)
+    wait_for(nodes[0], lambda: max(_logged_steps(run), default=0) >= start + 2, timeout=180)
     nodes[1].send_signal(signal.SIGTERM)
     _finish(nodes, preempted=True)
     outs = [log.read_text() for log in logs]

@@ -14,7 +14,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -31,6 +30,7 @@ from cpc_models.augment import PatchAugment, PatchAugmentConfig
 from cpc_models.data import load_fashion_mnist
 from cpc_models.images import find_images
 from cpc_models.objective import CPCObjective, ObjectiveConfig
+from conftest import wait_for
 
 ARCH = 'cpcv2_resnet_tiny'
 # Small and fast, but the fmnist_tiny preset's real recipe otherwise (augmentation on, 4 directions, offsets 2, 3).
@@ -135,14 +135,6 @@ def _start(out, extra=()):
                             start_new_session=True)
 
 
-def _wait_for(proc, cond, timeout=120):
-    t0 = time.time()
-    while not cond():
-        assert proc.poll() is None, f'run ended before the signal: {proc.communicate()}'
-        assert time.time() - t0 < timeout, 'timed out waiting for the run'
-        time.sleep(0.02)
-
-
 def _assert_same_run(out, reference):
     log = _log(out)
     assert [m['step'] for m in log] == list(range(1, 17))  # replayed steps are not logged twice
@@ -166,7 +158,7 @@ def test_resume_after_a_signal_is_exact(sig, status, workers, tmp_path, referenc
     uninterrupted run bit for bit."""
     out = tmp_path / 'run'
     proc = _start(out, ['--num-workers', str(workers)])
-    _wait_for(proc, lambda: (out / 'metrics.jsonl').is_file() and len(_log(out)) >= 3)
+    wait_for(proc, lambda: (out / 'metrics.jsonl').is_file() and len(_log(out)) >= 3, timeout=120)
     os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == status, stderr
@@ -185,7 +177,8 @@ def test_resume_after_a_signal_is_exact(sig, status, workers, tmp_path, referenc
 def test_resume_after_sigkill_is_exact(tmp_path, reference, capsys):
     out = tmp_path / 'run'
     proc = _start(out)
-    _wait_for(proc, lambda: (out / 'checkpoints' / 'step_00000004').is_dir() and len(_log(out)) >= 6)
+    wait_for(proc, lambda: (out / 'checkpoints' / 'step_00000004').is_dir() and len(_log(out)) >= 6,
+             timeout=120)
     proc.kill()
     proc.communicate(timeout=60)
     last_ckpt = int(_ckpts(out)[-1].split('_')[1])
